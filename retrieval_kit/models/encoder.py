@@ -1,0 +1,354 @@
+"""GenerativeEncoder: embed the answer a frozen LLM would give to a query, without generating it.
+
+    query ─► chat template ─► frozen backbone ─► [thought × T][compress × C]  (trainable input vectors)
+                                                        │ final hidden states of the C compression tokens
+                                                        ▼
+                                     recon_proj (H→H)  = soft prompt ─► frozen backbone ─► decoded text
+                                                        │ mean over C
+                                                        ▼
+                                     align_proj (H→D)  = embedding, in the teacher's space
+
+Only `special`, `recon_proj` and `align_proj` are trainable; they are all an adapter folder stores.
+The query prefix does not depend on any trainable weight, so it runs once without gradients and
+only the suffix tokens run with gradients on top of its KV cache: training costs ~T+C tokens of
+backward per query instead of the whole prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, ModelError
+from .backbone import DEFAULT_BACKBONE, load_backbone, pick_device
+from .generation import format_chat, generate_batch, length_sorted_batches, tokenize_prompts, truncate_tokens
+from .teacher import DEFAULT_TEACHER, load_teacher
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT_VERSION = 1
+QUERY_MODES = ("generative", "teacher", "fused")
+DOC_MODES = ("teacher", "generative")
+
+
+@dataclass
+class EncoderConfig:
+    backbone: str = DEFAULT_BACKBONE
+    teacher: str = DEFAULT_TEACHER
+    n_thought: int = 10
+    n_compress: int = 10
+    hidden_size: int = 0  # filled from the backbone
+    embed_dim: int = 0  # filled from the teacher
+    align_head: str = "linear"  # "linear" or "mlp" (more capacity for small backbones)
+    system_prompt: str | None = None  # None: the backbone template's own default
+    max_query_tokens: int = 256
+    init_seed: int = 0
+    trained: bool = False  # False: a stand-in; search then defaults to teacher query embeddings
+    training: dict = field(default_factory=dict)  # summary written by the trainer (steps, data, figures)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncoderConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _align_head(kind: str, hidden: int, dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(hidden, dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, dim))
+    raise ModelError(f"unknown align_head '{kind}' (use linear or mlp)")
+
+
+class GenerativeEncoder(nn.Module):
+    def __init__(self, config: EncoderConfig, backbone, tokenizer, teacher=None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.teacher = teacher
+        hidden = backbone.config.hidden_size
+        config.hidden_size = hidden
+        if teacher is not None:
+            config.embed_dim = teacher_dim(teacher)
+        if not config.embed_dim:
+            raise ModelError("embed_dim unknown: load a teacher or give it in the config")
+        # special tokens start as copies of random vocabulary rows: in-distribution inputs for the frozen model
+        vocab = backbone.get_input_embeddings().weight
+        gen = torch.Generator().manual_seed(config.init_seed)
+        rows = torch.randint(0, vocab.shape[0], (config.n_thought + config.n_compress,), generator=gen)
+        self.special = nn.Parameter(vocab.detach()[rows.to(vocab.device)].float().cpu().clone())
+        self.recon_proj = nn.Linear(hidden, hidden)
+        with torch.no_grad():  # identity start: the soft prompt begins as the raw states
+            self.recon_proj.weight.copy_(torch.eye(hidden))
+            self.recon_proj.bias.zero_()
+        self.align_proj = _align_head(config.align_head, hidden, config.embed_dim)
+        self.to(backbone.device)
+        self.backbone.requires_grad_(False)
+
+    # ---- trainable-part bookkeeping -------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "teacher."))}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith(("backbone.", "teacher."))]
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the adapter weights + model names: an index built with one encoder refuses another."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.config.backbone, self.config.teacher, self.config.n_thought,
+                             self.config.n_compress, self.config.align_head, self.config.system_prompt]).encode())
+        for key, value in sorted(self.adapter_state().items()):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return self.special.device
+
+    def describe(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "backbone": self.config.backbone,
+            "teacher": self.config.teacher,
+            "trained": self.config.trained,
+            "n_thought": self.config.n_thought,
+            "n_compress": self.config.n_compress,
+            "dim": self.config.embed_dim,
+        }
+
+    # ---- the forward path -------------------------------------------------------------------------
+    def tokenize_queries(self, queries: Sequence[str]) -> dict:
+        queries = truncate_tokens(self.tokenizer, queries, self.config.max_query_tokens)
+        prompts = [format_chat(self.tokenizer, q, self.config.system_prompt) for q in queries]
+        return tokenize_prompts(self.tokenizer, prompts, self.device)
+
+    def compress_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the compression tokens, (B, C, H) in float32."""
+        decoder = self.backbone.get_decoder()
+        with torch.no_grad():  # the prompt does not depend on trainable weights
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            prefix = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+            cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        batch, n_special = input_ids.shape[0], self.special.shape[0]
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        suffix = self.special.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        # prompts are left-padded, so every suffix sits right after its own last real token
+        start = attention_mask.long().sum(-1, keepdim=True)
+        suffix_pos = start + torch.arange(n_special, device=self.device)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n_special)], dim=-1)
+        out = decoder(inputs_embeds=suffix, attention_mask=mask, position_ids=suffix_pos,
+                      **{_cache_kwarg(decoder): cache}, use_cache=False)
+        return out.last_hidden_state[:, -self.config.n_compress :].float()
+
+    def soft_prompt(self, states: torch.Tensor) -> torch.Tensor:
+        return self.recon_proj(states)
+
+    def embed_states(self, soft_prompt: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embedding from the soft prompt (mean over compression tokens, then align_proj)."""
+        return self.align_proj(soft_prompt.mean(dim=1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        soft = self.soft_prompt(self.compress_states(input_ids, attention_mask))
+        return {"soft_prompt": soft, "embedding": self.embed_states(soft)}
+
+    def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the frozen backbone reproducing the target tokens after the soft prompt.
+
+        Targets are right-padded; padded positions are ignored. Only response tokens are scored.
+        """
+        embed = self.backbone.get_input_embeddings()
+        dtype = embed.weight.dtype
+        n_soft = soft_prompt.shape[1]
+        inputs = torch.cat([soft_prompt.to(dtype), embed(target_ids)], dim=1)
+        mask = torch.cat([target_mask.new_ones(target_mask.shape[0], n_soft), target_mask], dim=1)
+        logits = self.backbone(inputs_embeds=inputs, attention_mask=mask).logits[:, n_soft - 1 : -1]
+        labels = target_ids.masked_fill(target_mask == 0, -100)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    # ---- inference API ----------------------------------------------------------------------------
+    def _progress(self, total: int, description: str, show: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        disable=not show, transient=True)
+
+    def _map_batches(self, texts: Sequence[str], batch_size: int, fn, description: str, show_progress: bool) -> list:
+        """Run fn over length-sorted batches, return results in the input order."""
+        texts = _check_texts(texts)
+        results: list = [None] * len(texts)
+        with self._progress(len(texts), description, show_progress) as progress:
+            task = progress.add_task(description, total=len(texts))
+            for idx in length_sorted_batches(texts, batch_size):
+                for i, value in zip(idx, fn([texts[i] for i in idx])):
+                    results[i] = value
+                progress.advance(task, len(idx))
+        return results
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+        """Generative embeddings, float32, L2-normalised, shape (n, embed_dim)."""
+        def run(batch):
+            emb = self(**self.tokenize_queries(batch))["embedding"]
+            return F.normalize(emb, dim=-1).cpu().numpy()
+
+        rows = self._map_batches(texts, batch_size, run, "encoding queries", show_progress)
+        return _stack(rows, self.config.embed_dim)
+
+    @torch.no_grad()
+    def encode_teacher(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        if self.teacher is None:
+            raise ModelError("this encoder was loaded without a teacher")
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.config.embed_dim), dtype=np.float32)
+        vecs = self.teacher.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=show_progress)
+        return vecs.astype(np.float32)
+
+    def encode_queries(self, texts: Sequence[str], mode: str = "generative", fuse_weight: float = 0.5,
+                       batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+        """Query vectors: generative, teacher (input side), or fused = normalise(w·generative + (1−w)·teacher)."""
+        if mode not in QUERY_MODES:
+            raise InputError(f"unknown query mode '{mode}' (use {', '.join(QUERY_MODES)})")
+        if mode == "teacher":
+            return self.encode_teacher(texts, batch_size, show_progress)
+        gen = self.encode(texts, batch_size, show_progress)
+        if mode == "generative":
+            return gen
+        if not 0.0 <= fuse_weight <= 1.0:
+            raise InputError(f"fuse weight must be in [0, 1], got {fuse_weight}")
+        fused = fuse_weight * gen + (1.0 - fuse_weight) * self.encode_teacher(texts, batch_size, show_progress)
+        return _normalise(fused)
+
+    def encode_documents(self, texts: Sequence[str], mode: str = "teacher", batch_size: int = 64,
+                         show_progress: bool = False) -> np.ndarray:
+        if mode not in DOC_MODES:
+            raise InputError(f"unknown document mode '{mode}' (use {', '.join(DOC_MODES)})")
+        if mode == "teacher":
+            return self.encode_teacher(texts, batch_size, show_progress)
+        return self.encode(texts, batch_size, show_progress)
+
+    @torch.no_grad()
+    def decode(self, texts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 16,
+               show_progress: bool = False) -> list[str]:
+        """Read the generative embedding back as text: the soft prompt continued greedily by the frozen backbone."""
+        tok = self.tokenizer
+
+        def run(batch):
+            soft = self(**self.tokenize_queries(batch))["soft_prompt"]
+            dtype = self.backbone.get_input_embeddings().weight.dtype
+            mask = torch.ones(soft.shape[:2], dtype=torch.long, device=self.device)
+            out = self.backbone.generate(inputs_embeds=soft.to(dtype), attention_mask=mask, max_new_tokens=max_new_tokens,
+                                         do_sample=False, pad_token_id=tok.pad_token_id)
+            return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+        return self._map_batches(texts, batch_size, run, "decoding", show_progress)
+
+    def generate(self, texts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
+                 show_progress: bool = False, **kwargs) -> list[str]:
+        """The backbone's actual answers (chat template, greedy by default): HyDE and training responses."""
+        def run(batch):
+            return generate_batch(self.backbone, self.tokenizer, batch, max_new_tokens=max_new_tokens,
+                                  system_prompt=kwargs.pop("system_prompt", self.config.system_prompt), **kwargs)
+
+        return self._map_batches(texts, batch_size, run, "generating", show_progress)
+
+    # ---- folder save / load -----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter_state().items()}
+            save_file(state, str(folder / WEIGHTS_NAME))
+            (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        except OSError as exc:
+            raise ModelError(f"cannot write adapter to {folder}: {exc.strerror or exc}") from exc
+        return folder
+
+
+def read_adapter_config(folder: str | Path) -> EncoderConfig:
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ModelError(f"{folder} is not an adapter folder (no {CONFIG_NAME})")
+    try:
+        config = EncoderConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ModelError(f"{path}: unreadable adapter config ({exc})") from exc
+    if config.format_version > FORMAT_VERSION:
+        raise ModelError(f"{path}: adapter format {config.format_version} is newer than this rkit understands")
+    return config
+
+
+def build_encoder(config: EncoderConfig, device=None, with_teacher: bool = True) -> GenerativeEncoder:
+    device = pick_device(str(device) if device is not None else None)
+    backbone, tokenizer = load_backbone(config.backbone, device)
+    teacher = load_teacher(config.teacher, device) if with_teacher else None
+    return GenerativeEncoder(config, backbone, tokenizer, teacher)
+
+
+def load_adapter(folder: str | Path, device=None, with_teacher: bool = True) -> GenerativeEncoder:
+    """Load an adapter folder: its config names the backbone and teacher, its weights fill the trainable parts."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    encoder = build_encoder(config, device, with_teacher)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelError(f"{folder}: missing {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights))
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except (RuntimeError, OSError) as exc:
+        raise ModelError(f"{weights}: weights do not fit {config.backbone} / {config.teacher} ({str(exc).splitlines()[0]})") from exc
+    missing = [k for k in missing if not k.startswith(("backbone.", "teacher."))]
+    if missing or unexpected:
+        raise ModelError(f"{weights}: adapter weights missing {missing[:3]} / unexpected {unexpected[:3]}")
+    return encoder
+
+
+def _cache_kwarg(decoder) -> str:
+    """transformers ≥5.x renamed `past_key_values` to `cache`; accept both."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def teacher_dim(teacher) -> int:
+    get = getattr(teacher, "get_embedding_dimension", None) or teacher.get_sentence_embedding_dimension
+    return int(get())
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    for t in texts:
+        if not isinstance(t, str):
+            raise InputError(f"expected text, got {type(t).__name__}")
+    return texts
+
+
+def _stack(rows: list, dim: int) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.stack(rows).astype(np.float32)
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
