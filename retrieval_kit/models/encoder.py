@@ -88,11 +88,13 @@ class GenerativeEncoder(nn.Module):
         gen = torch.Generator().manual_seed(config.init_seed)
         rows = torch.randint(0, vocab.shape[0], (config.n_thought + config.n_compress,), generator=gen)
         self.special = nn.Parameter(vocab.detach()[rows.to(vocab.device)].float().cpu().clone())
-        self.recon_proj = nn.Linear(hidden, hidden)
+        with torch.random.fork_rng(devices=[]):  # same seed, same fresh adapter (and fingerprint), every time
+            torch.manual_seed(config.init_seed)
+            self.recon_proj = nn.Linear(hidden, hidden)
+            self.align_proj = _align_head(config.align_head, hidden, config.embed_dim)
         with torch.no_grad():  # identity start: the soft prompt begins as the raw states
             self.recon_proj.weight.copy_(torch.eye(hidden))
             self.recon_proj.bias.zero_()
-        self.align_proj = _align_head(config.align_head, hidden, config.embed_dim)
         self.to(backbone.device)
         self.backbone.requires_grad_(False)
 

@@ -1,0 +1,200 @@
+"""`rkit`: index a corpus, search it (with the query embedding read back as text), train, benchmark."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+# quiet the libraries before they are imported: our own progress bars and one-line errors are the interface
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+from .common import console, guarded, print_json  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rkit: retrieval with generative query embeddings.")
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+@app.command("index")
+@guarded
+def index_cmd(
+    corpus: Path = typer.Argument(..., help="Folder of .txt/.md/.html/.pdf/.jsonl files, a single file, or a BEIR folder."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Index name (default: the corpus folder's name)."),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
+    backend: str = typer.Option("faiss", help="faiss or qdrant."),
+    factory: str = typer.Option("Flat", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat."),
+    qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (default: embedded local mode)."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
+    doc_encoder: str = typer.Option("teacher", "--doc-encoder", help="teacher (input side, default) or generative."),
+    query_mode: str = typer.Option("auto", "--query-mode", help="Default for searches: auto, generative, teacher, fused."),
+    fuse_weight: float = typer.Option(0.5, "--fuse-weight", help="Weight of the generative vector in fused mode."),
+    chunk_words: int = typer.Option(200, "--chunk-words", min=1),
+    overlap: int = typer.Option(40, "--overlap", min=0),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Warn about unreadable files instead of stopping."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda when present)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Index a corpus (incremental: unchanged files are skipped, changed re-embedded, deleted removed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from retrieval_kit.errors import InputError
+    from retrieval_kit.indexer import IndexSettings, index_corpus
+    from retrieval_kit.models import load_encoder
+    from retrieval_kit.paths import index_home
+    from retrieval_kit.search import adapter_path
+
+    _quiet_libraries()
+    if not corpus.exists():
+        raise InputError(f"corpus path does not exist: {corpus}")
+    if query_mode not in ("auto", "generative", "teacher", "fused"):
+        raise InputError(f"unknown --query-mode '{query_mode}' (use auto, generative, teacher or fused)")
+    name = name or corpus.resolve().name or "index"
+    folder = (index_dir or index_home()) / name
+    settings = IndexSettings(backend=backend, factory=factory, qdrant_url=qdrant_url, doc_mode=doc_encoder,
+                             query_mode=query_mode, fuse_weight=fuse_weight, chunk_words=chunk_words, overlap=overlap,
+                             on_error="skip" if skip_bad_files else "raise")
+    if doc_encoder not in ("teacher", "generative"):
+        raise InputError(f"unknown --doc-encoder '{doc_encoder}' (use teacher or generative)")
+    adapter_folder, adapter_name = adapter_path(adapter)
+    encoder = load_encoder(adapter_folder, device=device)
+    columns = (TextColumn("embedding chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("embed", total=None)
+        report = index_corpus(corpus, folder, encoder, adapter_name, settings,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        print_json(report.as_dict())
+        return
+    console.print(f"[bold]{report.index}[/] → {folder}  ({settings.backend}, encoder {report.encoder['fingerprint']})")
+    console.print(f"  documents: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+                  f"{report.deleted} deleted · {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s")
+    console.print(f"  now holds {report.total_documents} documents / {report.total_chunks} chunks; "
+                  f"queries default to '{report.encoder['query_mode']}' mode")
+
+
+@app.command("search")
+@guarded
+def search_cmd(
+    query: list[str] = typer.Argument(..., help="One or more queries."),
+    index: str = typer.Option(..., "--index", "-i", help="Index name (under ./indexes) or folder."),
+    k: int = typer.Option(5, "-k", "--top-k", min=1, max=1000),
+    explain: bool = typer.Option(False, "--explain", help="Also decode each query embedding back into text."),
+    explain_tokens: int = typer.Option(48, "--explain-tokens", min=1, max=512),
+    query_mode: Optional[str] = typer.Option(None, "--query-mode", help="generative, teacher or fused (default: the index's)."),
+    fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
+    adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
+    device: Optional[str] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
+):
+    """Search an index."""
+    from retrieval_kit.search import Retriever
+
+    _quiet_libraries()
+    with Retriever.open(index, adapter=adapter, device=device) as retriever:
+        results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
+                                   explain=explain, explain_tokens=explain_tokens)
+        info = retriever.encoder.describe()
+    if as_json:
+        print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})
+        return
+    for result in results:
+        _print_result(result, info)
+
+
+def _print_result(result, info: dict) -> None:
+    from rich.table import Table
+
+    from retrieval_kit.search import snippet
+
+    state = "trained adapter" if info["trained"] else "UNTRAINED stand-in adapter"
+    console.print(f"\n[bold]{result.query}[/]  [dim]query mode: {result.query_mode} · {state} {info['fingerprint']}[/]")
+    if result.explanation is not None:
+        note = "" if info["trained"] else " [dim](untrained adapter: expect noise)[/]"
+        console.print(f"[italic]explanation:[/] {result.explanation or '∅'}{note}", highlight=False)
+    table = Table(show_lines=False)
+    for col in ("#", "score", "source", "snippet"):
+        table.add_column(col, overflow="fold")
+    for rank, hit in enumerate(result.hits, 1):
+        table.add_row(str(rank), f"{hit.score:.3f}", f"{hit.source}#{hit.chunk_id.rsplit('#', 1)[-1]}",
+                      snippet(hit.text, 160))
+    console.print(table)
+
+
+@app.command("info")
+@guarded
+def info_cmd(
+    index: str = typer.Argument(..., help="Index name (under ./indexes) or folder."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """What an index holds: documents, chunks, dim, backend, encoder fingerprint."""
+    from retrieval_kit.search import open_index_info
+
+    info = open_index_info(index)
+    if as_json:
+        print_json(info)
+        return
+    enc = info.get("encoder", {})
+    rows = [("folder", info["folder"]), ("backend", info["backend"] + (f" ({info.get('factory')})" if info["backend"] == "faiss" else "")),
+            ("documents", info["counts"]["documents"]), ("chunks", info["counts"]["chunks"]), ("dim", info["dim"]),
+            ("encoder", f"{enc.get('fingerprint')} · backbone {enc.get('backbone')} · teacher {enc.get('teacher')} · "
+                        f"adapter {enc.get('adapter')} ({'trained' if enc.get('trained') else 'untrained'})"),
+            ("modes", f"documents: {enc.get('doc_mode')} · queries: {enc.get('query_mode')}"),
+            ("created", info.get("created")), ("updated", info.get("updated")),
+            ("size", f"{info.get('size_bytes', 0) / 1e6:.1f} MB")]
+    for key, value in rows:
+        console.print(f"[bold]{key:>10}[/]  {value}", highlight=False)
+
+
+@app.command("list")
+@guarded
+def list_cmd(index_dir: Optional[Path] = typer.Option(None, "--index-dir"), as_json: bool = typer.Option(False, "--json")):
+    """Indexes under the index home."""
+    from retrieval_kit.index import list_indexes
+    from retrieval_kit.paths import index_home
+
+    found = list_indexes(index_dir or index_home())
+    if as_json:
+        print_json(found)
+        return
+    for item in found:
+        console.print(item)
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules (training, benchmarks)."""
+    try:
+        from .train import train as train_cmd
+
+        app.command("train")(train_cmd)
+    except ImportError:
+        pass
+    try:
+        from .bench import bench_app
+
+        app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb.")
+    except ImportError:
+        pass
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,36 @@
+"""Shared test set-up: offline hub, a persistent model cache, and one encoder loaded per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# set before anything imports huggingface_hub: proves the embedded default needs no hub access
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+# the dequantised backbone (~0.5 GB, ~20 s to make) is kept between runs, like a user's cache
+os.environ.setdefault("RKIT_HOME", str(REPO / ".cache" / "rkit"))
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(os.environ.get("RKIT_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The shipped default encoder (real backbone + teacher from the wheels)."""
+    import torch
+
+    from retrieval_kit.models import load_encoder
+
+    torch.manual_seed(0)
+    return load_encoder(device="cpu")
+
+
+@pytest.fixture()
+def index_home(tmp_path, monkeypatch):
+    home = tmp_path / "indexes"
+    monkeypatch.setenv("RKIT_INDEX_HOME", str(home))
+    return home

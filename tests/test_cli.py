@@ -1,0 +1,186 @@
+"""What a user types: `rkit index`, `rkit search --explain/--json`, `rkit info`, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import retrieval_kit.models as models
+import retrieval_kit.search as search_mod
+from retrieval_kit.paths import SAMPLE_CORPUS
+from rkit_cli.main import app
+
+RUNNER = CliRunner()
+KEYS_DOC = "security/rotating-api-keys.md"
+
+
+@pytest.fixture(autouse=True)
+def reuse_loaded_models(encoder, monkeypatch):
+    """Real models, loaded once: every CLI call would otherwise spend seconds re-reading the same weights."""
+    cache = {}
+    real = models.load_encoder
+
+    def cached(adapter=None, backbone=None, teacher=None, device=None, with_teacher=True):
+        key = (str(adapter), backbone, teacher)
+        if key not in cache:
+            cache[key] = encoder if adapter is None and backbone is None and teacher is None else real(
+                adapter, backbone, teacher, device="cpu")
+        return cache[key]
+
+    monkeypatch.setattr(models, "load_encoder", cached)
+    monkeypatch.setattr(search_mod, "load_encoder", cached)
+
+
+def rkit(*args: str):
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def ok(*args: str):
+    result = rkit(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def fails(*args: str, needle: str):
+    result = rkit(*args)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), result.output
+    assert needle in " ".join(lines[-2:]), result.output  # rich may wrap a long line; it is one message
+    return result
+
+
+def search_json(*args: str) -> dict:
+    return json.loads(ok("search", *args, "--json").stdout)
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, folder)
+    return folder
+
+
+def test_index_and_search_sample_corpus(index_home, corpus):
+    report = json.loads(ok("index", corpus, "--name", "kb", "--json").stdout)
+    assert report["added"] >= 15 and report["total_chunks"] >= report["total_documents"]
+    out = search_json("how do I rotate the API keys?", "--index", "kb", "-k", "3", "--explain")
+    (result,) = out["results"]
+    assert result["hits"][0]["doc_id"] == KEYS_DOC
+    assert result["explanation"], "explanation must be non-empty text"
+    assert result["query_mode"] == "teacher"  # the stand-in adapter is untrained: search says so and uses the teacher
+    table = ok("search", "how do I rotate the API keys?", "--index", "kb", "--explain").stdout
+    assert "rotating-api-keys" in table and "explanation" in table and "UNTRAINED" in table
+
+
+def test_generative_and_fused_modes_run(index_home, corpus):
+    ok("index", corpus, "--name", "kb")
+    for mode in ("generative", "fused"):
+        out = search_json("reset my password", "--index", "kb", "--query-mode", mode, "-k", "2")
+        assert len(out["results"][0]["hits"]) == 2 and out["results"][0]["query_mode"] == mode
+
+
+def test_info_reports_counts_dim_backend_fingerprint(index_home, corpus, encoder):
+    ok("index", corpus, "--name", "kb")
+    info = json.loads(ok("info", "kb", "--json").stdout)
+    assert info["backend"] == "faiss" and info["dim"] == 384
+    assert info["counts"]["documents"] >= 15 and info["encoder"]["fingerprint"] == encoder.fingerprint
+    assert "chunks" in ok("info", "kb").stdout
+
+
+def test_incremental_reindex(index_home, corpus):
+    ok("index", corpus, "--name", "kb")
+    again = json.loads(ok("index", corpus, "--name", "kb", "--json").stdout)
+    assert again["added"] == again["updated"] == again["deleted"] == again["chunks_embedded"] == 0
+    (corpus / "general" / "photosynthesis.txt").unlink()
+    (corpus / "security" / "vpn-setup.md").write_text("# VPN\nThe VPN now uses WireGuard; import the profile.\n")
+    (corpus / "new.txt").write_text("The cafeteria serves ramen on Thursdays.")
+    report = json.loads(ok("index", corpus, "--name", "kb", "--json").stdout)
+    assert (report["added"], report["updated"], report["deleted"]) == (1, 1, 1)
+    assert report["chunks_embedded"] == 2
+    hits = search_json("what does the cafeteria serve on Thursday?", "--index", "kb", "-k", "1")["results"][0]["hits"]
+    assert hits[0]["doc_id"] == "new.txt"
+    sources = {h["doc_id"] for h in search_json("photosynthesis light energy", "--index", "kb", "-k", "20")["results"][0]["hits"]}
+    assert "general/photosynthesis.txt" not in sources
+
+
+def test_qdrant_and_faiss_agree(index_home, corpus):
+    ok("index", corpus, "--name", "kb-f")
+    ok("index", corpus, "--name", "kb-q", "--backend", "qdrant")
+    assert json.loads(ok("info", "kb-q", "--json").stdout)["backend"] == "qdrant"
+    for query in ("how do I rotate the API keys?", "expense report deadline", "how do vaccines work"):
+        f = search_json(query, "--index", "kb-f", "-k", "5")["results"][0]["hits"]
+        q = search_json(query, "--index", "kb-q", "-k", "5")["results"][0]["hits"]
+        assert [h["chunk_id"] for h in f] == [h["chunk_id"] for h in q]
+        np.testing.assert_allclose([h["score"] for h in f], [h["score"] for h in q], atol=1e-4)
+
+
+def test_hnsw_factory(index_home, corpus):
+    ok("index", corpus, "--name", "kb-h", "--factory", "HNSW32")
+    hits = search_json("how do I rotate the API keys?", "--index", "kb-h")["results"][0]["hits"]
+    assert hits[0]["doc_id"] == KEYS_DOC
+
+
+def test_bad_inputs_are_one_line_errors(index_home, tmp_path, corpus):
+    fails("index", tmp_path / "missing", "--name", "x", needle="does not exist")
+    (tmp_path / "empty").mkdir()
+    fails("index", tmp_path / "empty", "--name", "x", needle="no documents")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ok.txt").write_text("fine")
+    (bad / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    fails("index", bad, "--name", "x", needle="blob.txt")
+    (bad / "blob.txt").write_bytes(b"caf\xe9 au lait")
+    fails("index", bad, "--name", "x", needle="UTF-8")
+    (bad / "blob.txt").unlink()
+    (bad / "records.jsonl").write_text('{"_id": "1", "text": "a"}\n{"_id": 2, "text": \n')
+    fails("index", bad, "--name", "x", needle="line 2")
+    fails("search", "anything", "--index", "nope", needle="nope")
+    fails("info", "nope", needle="nope")
+    ok("index", corpus, "--name", "kb")
+    fails("search", "   ", "--index", "kb", needle="empty query")
+    fails("search", "q", "--index", "kb", "--query-mode", "psychic", needle="psychic")
+    fails("index", corpus, "--name", "kb2", "--backend", "elastic", needle="elastic")
+    fails("index", corpus, "--name", "kb3", "--factory", "NotAFactory", needle="NotAFactory")
+    fails("index", corpus, "--name", "kb", "--doc-encoder", "generative", needle="documents")
+
+
+def test_failed_reindex_keeps_what_was_indexed(index_home, corpus):
+    ok("index", corpus, "--name", "kb")
+    before = json.loads(ok("info", "kb", "--json").stdout)["counts"]
+    (corpus / "broken.jsonl").write_text("{not json}\n")
+    fails("index", corpus, "--name", "kb", needle="broken.jsonl")
+    assert json.loads(ok("info", "kb", "--json").stdout)["counts"] == before
+    assert search_json("how do I rotate the API keys?", "--index", "kb")["results"][0]["hits"][0]["doc_id"] == KEYS_DOC
+    report = json.loads(ok("index", corpus, "--name", "kb", "--skip-bad-files", "--json").stdout)
+    assert report["unchanged"] == before["documents"]
+
+
+def test_index_built_with_another_encoder_is_refused(index_home, corpus, encoder, tmp_path):
+    ok("index", corpus, "--name", "kb")
+    other = tmp_path / "other-adapter"
+    encoder.save(other)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(other / "adapter.safetensors"))
+    state["align_proj.bias"] += 0.01  # a different adapter: different embedding space
+    save_file(state, str(other / "adapter.safetensors"))
+    fails("search", "q", "--index", "kb", "--adapter", other, needle="built with encoder")
+    fails("index", corpus, "--name", "kb", "--adapter", other, needle="built with encoder")
+
+
+def test_console_script_runs_offline(tmp_path):
+    """The installed `rkit` entry point itself, in a subprocess (no monkeypatching)."""
+    exe = Path(sys.executable).with_name("rkit")
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "search" in result.stdout and "index" in result.stdout
+    result = subprocess.run([str(exe), "info", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "error:" in result.stderr

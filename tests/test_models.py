@@ -1,0 +1,104 @@
+"""The encoder with the real packaged models: shapes, determinism, save/load, decode, what trains."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_kit.errors import ModelError
+from retrieval_kit.models import load_adapter, load_backbone, load_encoder, read_adapter_config
+from retrieval_kit.models.backbone import resolve_backbone
+
+QUERIES = ["how do I rotate the API keys?", "What is photosynthesis?", "hi", "Explain the French revolution " * 5]
+
+
+def test_encode_shapes_normalised_and_batch_independent(encoder):
+    vecs = encoder.encode(QUERIES, batch_size=4)
+    assert vecs.shape == (4, encoder.config.embed_dim) == (4, 384)
+    assert vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    # left padding and length-sorted batching must not change a query's vector
+    one_by_one = np.concatenate([encoder.encode([q], batch_size=1) for q in QUERIES])
+    np.testing.assert_allclose(vecs, one_by_one, atol=1e-4)
+    np.testing.assert_array_equal(vecs, encoder.encode(QUERIES, batch_size=4))
+
+
+def test_two_pass_prefix_cache_matches_one_pass(encoder):
+    batch = encoder.tokenize_queries(QUERIES[:1])
+    with torch.no_grad():
+        states = encoder.compress_states(**batch)
+        embeds = encoder.backbone.get_input_embeddings()(batch["input_ids"])
+        full = torch.cat([embeds, encoder.special.unsqueeze(0).to(embeds.dtype)], dim=1)
+        ref = encoder.backbone.get_decoder()(inputs_embeds=full).last_hidden_state[:, -encoder.config.n_compress:]
+    torch.testing.assert_close(states, ref.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_query_modes(encoder):
+    teacher = encoder.encode_queries(QUERIES[:2], mode="teacher")
+    np.testing.assert_allclose(teacher, encoder.encode_teacher(QUERIES[:2]), atol=1e-6)
+    fused = encoder.encode_queries(QUERIES[:2], mode="fused", fuse_weight=0.3)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, atol=1e-5)
+    gen = encoder.encode(QUERIES[:2])
+    expected = 0.3 * gen + 0.7 * teacher
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(fused, expected, atol=1e-5)
+
+
+def test_save_load_round_trip_identical(encoder, tmp_path):
+    encoder.save(tmp_path / "ad")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "config.json"]
+    again = load_adapter(tmp_path / "ad", device="cpu")
+    assert again.fingerprint == encoder.fingerprint
+    np.testing.assert_array_equal(again.encode(QUERIES), encoder.encode(QUERIES))
+    assert read_adapter_config(tmp_path / "ad").backbone == "smollm2-135m-instruct"
+
+
+def test_decode_returns_text(encoder):
+    texts = encoder.decode(QUERIES[:2], max_new_tokens=8)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_generate_answers(encoder):
+    (answer,) = encoder.generate(["What is the capital of France?"], max_new_tokens=12)
+    assert "Paris" in answer
+
+
+def test_only_adapter_is_trainable(encoder):
+    trainable = encoder.trainable_parameters()
+    names = {n for n, p in encoder.named_parameters() if any(p is t for t in trainable)}
+    assert names == {"special", "recon_proj.weight", "recon_proj.bias", "align_proj.weight", "align_proj.bias"}
+    assert not any(p.requires_grad for p in encoder.backbone.parameters())
+    n_train = sum(p.numel() for p in trainable)
+    assert n_train == 20 * 576 + 576 * 576 + 576 + 576 * 384 + 384
+
+
+def test_backbone_cache_loads_fast():
+    resolve_backbone(None)  # make sure the one-time dequantisation happened
+    start = time.perf_counter()
+    folder = resolve_backbone("smollm2-135m-instruct")
+    assert time.perf_counter() - start < 1.0
+    assert (__import__("pathlib").Path(folder) / "model.safetensors").is_file()
+    load_backbone()  # warm imports
+    start = time.perf_counter()
+    load_backbone()
+    assert time.perf_counter() - start < 3.0  # < 1 s on an idle machine; CI shares its two cores
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"adapter": "/nonexistent/adapter"}, "not an adapter folder"),
+    ({"backbone": "no-such-org/no-such-model"}, "cannot load backbone"),
+    ({"teacher": "no-such-org/no-such-teacher", "backbone": "smollm2-135m-instruct"}, "cannot load teacher"),
+])
+def test_bad_model_names_are_one_line_errors(kwargs, needle):
+    with pytest.raises(ModelError) as err:
+        load_encoder(device="cpu", **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_adapter_for_other_backbone_is_refused():
+    with pytest.raises(ModelError, match="trained for backbone"):
+        load_encoder(adapter="default" and None or __import__("retrieval_kit.paths").paths.DEFAULT_ADAPTER,
+                     backbone="Qwen/Qwen3-0.6B")
