@@ -1,0 +1,28 @@
+"""Vector indexes: a FAISS or Qdrant backend, a SQLite doc store and a manifest per folder.
+
+This package knows nothing of models: float32 vectors (L2-normalised by the caller) go in,
+chunk ids and inner-product scores come out. See ``indexes/README.md`` for the folder format.
+
+    with Index.create("indexes/kb", dim=768, encoder={"fingerprint": fp}) as index:
+        index.upsert_documents([(doc_id, content_hash, source, chunks, vectors), ...])
+    with Index.open("indexes/kb") as index:
+        index.check_encoder(fp, 768)
+        hits = index.search(query_vectors, k=10)
+"""
+
+from .base import Hit, VectorBackend
+from .core import FORMAT_VERSION, DocumentUpdate, Index, list_indexes, read_manifest
+from .faiss_backend import FaissBackend
+from .qdrant_backend import QdrantBackend
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DocumentUpdate",
+    "FaissBackend",
+    "Hit",
+    "Index",
+    "QdrantBackend",
+    "VectorBackend",
+    "list_indexes",
+    "read_manifest",
+]

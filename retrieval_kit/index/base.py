@@ -1,0 +1,62 @@
+"""What every vector backend shares: the search result type, the backend interface, small helpers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+
+# One batch of stored chunks, as the doc store hands them to a backend rebuild:
+# (rows int64 (n,), vectors float32 (n, dim), payloads: one dict per row).
+Batch = tuple[np.ndarray, np.ndarray, list[dict]]
+
+
+@dataclass
+class Hit:
+    """One search result: a chunk and its inner-product score with the query."""
+
+    chunk_id: str
+    doc_id: str
+    score: float
+    text: str
+    title: str
+    source: str
+    metadata: dict = field(default_factory=dict)
+
+
+class VectorBackend(Protocol):
+    """Vectors and integer row ids only; the doc store keeps everything else.
+
+    Rows are never reused by ``Index``, so ``upsert`` only ever sees new rows in practice.
+    """
+
+    needs_rebuild: bool  # True when pending changes can only be applied by ``rebuild`` (HNSW delete, untrained IVF)
+
+    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None) -> None: ...
+    def delete(self, rows: np.ndarray) -> None: ...
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...  # rows -1 past the end
+    def rebuild(self, batches: Iterable[Batch]) -> None: ...  # replace everything with these rows
+    def count(self) -> int: ...
+    def save(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def one_line(exc: BaseException | str) -> str:
+    """A library's exception text as one short line (faiss prefixes 'Error in <C++ signature> at file:line:')."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    text = re.sub(r"^Error: '.*?' failed: ", "", text)
+    text = re.sub(r"^\[Errno \d+\] ", "", text)
+    return text or type(exc).__name__
+
+
+def empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and rows for queries that found nothing (rows are -1, as faiss pads)."""
+    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+
+
+def chunked(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,143 @@
+"""FAISS backend: any ``index_factory`` string, inner-product metric, ids = doc-store rows.
+
+Some factories cannot remove ids (HNSW, PQ) and some must be trained before adding (IVF, PQ).
+Rather than failing, those changes set ``needs_rebuild``; ``Index`` then calls ``rebuild`` with
+every vector from the doc store before the next search or save.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import faiss
+import numpy as np
+
+from ..errors import IndexError_, InputError
+from .base import Batch, empty_result, one_line
+
+FILENAME = "faiss.index"
+# faiss-cpu has no GPUs; the guard keeps builds without get_num_gpus working too.
+_NUM_GPUS = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def new_faiss_index(dim: int, factory: str, params: dict | None = None) -> faiss.Index:
+    """An empty index for ``factory``, wrapped so it takes our row ids. InputError on a bad factory."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InputError(f"bad faiss factory '{factory}' for dim {dim}: {one_line(exc)}") from None
+    if not factory.replace(" ", "").upper().startswith("IDMAP"):
+        index = faiss.IndexIDMap2(index)
+    _apply_params(index, params or {})
+    return index
+
+
+def default_params(factory: str) -> dict:
+    """Search-time knobs better than faiss's defaults (nprobe=1 misses too much); stored in the manifest."""
+    params = {}
+    if "IVF" in factory.upper():
+        params["nprobe"] = 16
+    if "HNSW" in factory.upper():
+        params["efSearch"] = 64
+    return params
+
+
+def _apply_params(index: faiss.Index, params: dict) -> None:
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+class FaissBackend:
+    def __init__(self, folder: Path, dim: int, factory: str, *, params: dict | None = None,
+                 label: str = "index", create: bool = False):
+        self.path = Path(folder) / FILENAME
+        self.dim, self.factory, self.params, self.label = dim, factory, params or {}, label
+        self.needs_rebuild = False
+        self._gpu = None  # GPU copy for search, dropped on every change
+        self._gpu_failed = False
+        self.index = new_faiss_index(dim, factory, self.params) if create else self._load()
+
+    def _load(self) -> faiss.Index:
+        """The saved index; a missing or unreadable file yields an empty one flagged for rebuild from SQLite."""
+        try:
+            index = faiss.read_index(str(self.path))
+            if index.d != self.dim:
+                raise RuntimeError(f"dimension {index.d} != {self.dim}")
+            _apply_params(index, self.params)
+            return index
+        except RuntimeError:
+            self.needs_rebuild = True
+            return new_faiss_index(self.dim, self.factory, self.params)
+
+    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None) -> None:
+        if not len(rows):
+            return
+        self._gpu = None
+        if self.needs_rebuild or not self.index.is_trained:
+            self.needs_rebuild = True  # the rebuild reads these rows from the store anyway
+            return
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), rows.astype(np.int64))
+
+    def delete(self, rows: np.ndarray) -> None:
+        if not len(rows) or self.needs_rebuild:
+            return
+        self._gpu = None
+        try:
+            self.index.remove_ids(np.ascontiguousarray(rows, dtype=np.int64))
+        except RuntimeError:  # "remove_ids not implemented for this type of index" (HNSW, PQ...)
+            self.needs_rebuild = True
+
+    def rebuild(self, batches: Iterable[Batch]) -> None:
+        """Replace the index with these rows, training first when the factory needs it."""
+        parts = [(rows, vectors) for rows, vectors, _ in batches]
+        rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        vectors = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
+        index = new_faiss_index(self.dim, self.factory, self.params)
+        if not index.is_trained and len(rows):
+            try:
+                index.train(vectors)
+            except RuntimeError as exc:
+                raise IndexError_(
+                    f"{self.label}: cannot train faiss factory '{self.factory}' on {len(rows)} vectors "
+                    f"({one_line(exc)}); add documents or re-create the index with factory 'Flat'"
+                ) from None
+        if len(rows):
+            index.add_with_ids(vectors, rows)
+        self.index, self.needs_rebuild, self._gpu = index, False, None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.index.ntotal
+        if n == 0 or not self.index.is_trained:
+            return empty_result(len(queries), k)
+        kk = min(k, n)  # GPU faiss caps k; asking for more than we hold is pointless anyway
+        scores, rows = self._search_index().search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+        if kk < k:
+            pad_scores, pad_rows = empty_result(len(queries), k - kk)
+            scores, rows = np.hstack([scores, pad_scores]), np.hstack([rows, pad_rows])
+        return scores, rows
+
+    def _search_index(self) -> faiss.Index:
+        if not _NUM_GPUS or self._gpu_failed:
+            return self.index
+        if self._gpu is None:
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self.index)
+            except (RuntimeError, AttributeError):  # factory without a GPU version (e.g. HNSW): stay on CPU
+                self._gpu_failed = True
+                return self.index
+        return self._gpu
+
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def save(self) -> None:
+        """Write to a temp file then rename, so a crash mid-write leaves the previous file intact."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        self.index = self._gpu = None
