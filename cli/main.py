@@ -128,7 +128,8 @@ def _print_result(result, info: dict) -> None:
     console.print(f"\n[bold]{result.query}[/]  [dim]query mode: {result.query_mode} · {state} {info['fingerprint']}[/]")
     if result.explanation is not None:
         note = "" if info["trained"] else " [dim](untrained adapter: expect noise)[/]"
-        console.print(f"[italic]explanation:[/] {result.explanation or '∅'}{note}", highlight=False)
+        text = " ".join(result.explanation.split()) or "∅"  # one paragraph: decoded text may be mostly newlines
+        console.print(f"[italic]explanation:[/] {text}{note}", highlight=False)
     table = Table(show_lines=False)
     for col in ("#", "score", "source", "snippet"):
         table.add_column(col, overflow="fold")
