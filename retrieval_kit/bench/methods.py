@@ -1,0 +1,254 @@
+"""Retrieval methods compared by the benchmarks, all ranking the same corpus.
+
+    bm25     bm25s over "title text" (k1=0.9, b=0.4, the Pyserini/BRIGHT defaults)
+    teacher  teacher(query)                       — the input-side baseline
+    hyde     teacher(backbone's generated answer) — the generate-then-embed baseline
+    hydeq    normalise(hyde + teacher)            — HyDE with the query kept (optional extra)
+    rkit     generative query embedding           — the method
+    fused    normalise(w·rkit + (1−w)·teacher)    — the same formula as encode_queries(mode="fused")
+
+Every dense method scores against ONE document matrix per dataset (teacher by default, or the generative
+encoder with doc_encoder="generative"), computed once and cached (see cache.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import BenchError
+from .cache import TextStore, VectorStore, slug, text_key
+from .datasets import BenchDataset
+from .metrics import Run
+from . import progress
+from .progress import note, stage
+
+METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")
+EXTRA_METHODS = ("hydeq",)
+DOC_ENCODERS = ("teacher", "generative")
+BM25_PARAMS = {"k1": 0.9, "b": 0.4}
+
+
+@dataclass
+class MethodConfig:
+    doc_encoder: str = "teacher"
+    fuse_weight: float = 0.5  # weight of the generative vector in `fused`
+    hyde_max_new_tokens: int = 128
+    batch_size: int = 32
+    top_k: int = 100  # ranking depth kept per query (Recall@100, AdvBench top-100)
+
+
+def parse_methods(spec: str | list[str] | None, allowed=METHODS + EXTRA_METHODS) -> list[str]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec or METHODS)
+    names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise BenchError(f"unknown method {', '.join(unknown) or '(none)'} (use {', '.join(allowed)})")
+    return names
+
+
+def load_bench_encoder(adapter: str | Path | None = None, device: str | None = None):
+    """The encoder under test (the shipped default adapter unless --adapter). Tests replace this function."""
+    try:
+        from ..models import load_encoder
+    except ImportError as exc:
+        raise BenchError(f"the rkit models package cannot be imported ({exc})") from None
+    return load_encoder(adapter=adapter, device=device)
+
+
+def encoder_info(enc) -> dict:
+    """JSON-able description of the encoder for result files."""
+    if hasattr(enc, "describe"):
+        info = dict(enc.describe())
+    else:
+        config = getattr(enc, "config", {}) or {}
+        info = asdict(config) if is_dataclass(config) else dict(config)
+    info["fingerprint"] = enc.fingerprint
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _config_value(enc, key: str) -> Any:
+    config = getattr(enc, "config", None)
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def teacher_space(enc) -> str:
+    """Teacher vectors depend on the teacher only: every adapter on the same teacher reuses them."""
+    name = _config_value(enc, "teacher")
+    return f"teacher-{slug(name)}" if name else f"gen-{enc.fingerprint}"
+
+
+def generator_key(enc, max_new_tokens: int) -> str:
+    """HyDE answers depend on the backbone, its system prompt and the length, not on the adapter."""
+    backbone = _config_value(enc, "backbone")
+    if not backbone:
+        return f"{enc.fingerprint}-t{max_new_tokens}"
+    prompt = text_key(str(_config_value(enc, "system_prompt")))[:8]
+    return f"{slug(backbone)}-{prompt}-t{max_new_tokens}"
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+# ---- ranking -----------------------------------------------------------------------------------
+
+def top_k(row: np.ndarray, k: int, doc_ids: list[str], drop: np.ndarray | None = None) -> dict[str, float]:
+    """The k best documents of one score row, excluded indices removed first (BRIGHT's rule)."""
+    if drop is not None and len(drop):
+        row = row.copy()
+        row[drop] = -np.inf
+    k = min(k, len(row))
+    idx = np.argpartition(-row, k - 1)[:k]
+    return {doc_ids[i]: float(row[i]) for i in idx if np.isfinite(row[i])}
+
+
+def _drop_indices(excluded: dict[str, set[str]], doc_index: dict[str, int]) -> dict[str, np.ndarray]:
+    return {q: np.fromiter((doc_index[d] for d in docs if d in doc_index), dtype=np.int64)
+            for q, docs in excluded.items()}
+
+
+def rank_dense(queries: np.ndarray, docs: np.ndarray, qids: list[str], doc_ids: list[str],
+               excluded: dict[str, set[str]], k: int, description: str = "scoring") -> Run:
+    """Exact inner product (vectors are unit-norm: cosine), in query blocks that bound memory."""
+    drops = _drop_indices(excluded, {d: i for i, d in enumerate(doc_ids)}) if excluded else {}
+    block = max(1, int(2e7 // max(1, len(doc_ids))))
+    run: Run = {}
+    with stage(description, len(qids)) as advance:
+        for start in range(0, len(qids), block):
+            scores = queries[start:start + block] @ docs.T
+            for row, qid in zip(scores, qids[start:start + block]):
+                run[qid] = top_k(row, k, doc_ids, drops.get(qid))
+            advance(len(scores))
+    return run
+
+
+def bm25_stemmer():
+    """English Snowball stemming when PyStemmer is installed, else none (recorded in the results)."""
+    try:
+        import Stemmer
+    except ImportError:
+        return None
+    return Stemmer.Stemmer("english").stemWords
+
+
+def bm25_index(ds: BenchDataset, folder: Path):
+    """Build (or load from the cache) the bm25s index of the corpus."""
+    import bm25s
+
+    stemmer = bm25_stemmer()
+    path = folder / f"bm25-k1_{BM25_PARAMS['k1']}-b_{BM25_PARAMS['b']}-{'stem' if stemmer else 'nostem'}"
+    if (path / "params.index.json").is_file():
+        return bm25s.BM25.load(str(path)), True
+    note(f"indexing {len(ds.corpus):,} documents with BM25")
+    tokens = bm25s.tokenize(ds.doc_texts(), stopwords="en", stemmer=stemmer, show_progress=progress.ENABLED)
+    model = bm25s.BM25(**BM25_PARAMS)
+    model.index(tokens, show_progress=progress.ENABLED)
+    model.save(str(path), show_progress=False)
+    return model, False
+
+
+def rank_bm25(model, queries: list[str], qids: list[str], doc_ids: list[str], excluded: dict[str, set[str]],
+              k: int) -> Run:
+    import bm25s
+
+    tokens = bm25s.tokenize(queries, stopwords="en", stemmer=bm25_stemmer(), return_ids=False, show_progress=False)
+    drops = _drop_indices(excluded, {d: i for i, d in enumerate(doc_ids)}) if excluded else {}
+    run: Run = {}
+    with stage("bm25 scoring", len(qids)) as advance:
+        for qid, toks in zip(qids, tokens):
+            run[qid] = top_k(np.asarray(model.get_scores(toks), dtype=np.float32), k, doc_ids, drops.get(qid))
+            advance(1)
+    return run
+
+
+# ---- one dataset, several methods ---------------------------------------------------------------
+
+class MethodRunner:
+    """Runs methods on one dataset; document vectors, HyDE answers and BM25 index are computed once."""
+
+    def __init__(self, ds: BenchDataset, cfg: MethodConfig, cache_root: Path, encoder: Callable[[], Any]):
+        if cfg.doc_encoder not in DOC_ENCODERS:
+            raise BenchError(f"unknown doc encoder '{cfg.doc_encoder}' (use {', '.join(DOC_ENCODERS)})")
+        self.ds, self.cfg, self._encoder = ds, cfg, encoder
+        self.folder = Path(cache_root) / f"{slug(ds.name)}-{ds.corpus_hash()}"
+        self.qids = list(ds.queries)
+        self.texts = [ds.queries[q] for q in self.qids]
+        self._docs: np.ndarray | None = None
+        self.answers: list[str] | None = None
+        self.doc_stats: dict = {}
+        self.computed = False  # did the last run() compute anything, or read it all from the cache?
+
+    @property
+    def enc(self):
+        return self._encoder()
+
+    # -- shared inputs --
+    def _vectors(self, kind: str, space: str, texts: list[str], compute, description: str) -> np.ndarray:
+        vectors, cached = VectorStore(self.folder / f"{kind}-{space}").get(texts, compute, description)
+        self.computed |= not cached
+        return vectors
+
+    def _teacher(self, texts: list[str], description: str) -> np.ndarray:
+        bs = self.cfg.batch_size
+        return self._vectors("queries", teacher_space(self.enc), texts,
+                             lambda t: self.enc.encode_queries(t, mode="teacher", batch_size=bs), description)
+
+    def _generative(self, texts: list[str]) -> np.ndarray:
+        bs = self.cfg.batch_size
+        return self._vectors("queries", f"gen-{self.enc.fingerprint}", texts,
+                             lambda t: self.enc.encode_queries(t, mode="generative", batch_size=bs),
+                             "rkit query embeddings")
+
+    def doc_matrix(self) -> np.ndarray:
+        """The one document matrix every dense method scores against."""
+        if self._docs is None:
+            mode, bs = self.cfg.doc_encoder, self.cfg.batch_size
+            space = teacher_space(self.enc) if mode == "teacher" else f"gen-{self.enc.fingerprint}"
+            start = time.perf_counter()
+            store = VectorStore(self.folder / f"docs-{space}")
+            self._docs, cached = store.get(self.ds.doc_texts(),
+                                           lambda t: self.enc.encode_documents(t, mode=mode, batch_size=bs),
+                                           f"embedding {len(self.ds.corpus):,} documents ({mode})")
+            self.doc_stats = {"doc_encoder": mode, "wall_s": round(time.perf_counter() - start, 3),
+                              "cached": cached, "n_docs": len(self._docs)}
+        return self._docs
+
+    def hyde_answers(self) -> list[str]:
+        if self.answers is None:
+            n, bs = self.cfg.hyde_max_new_tokens, max(1, min(self.cfg.batch_size, 16))
+            store = TextStore(self.folder / f"answers-{generator_key(self.enc, n)}.jsonl", chunk=bs)
+            self.answers, cached = store.get(self.texts,
+                                             lambda t: self.enc.generate(t, max_new_tokens=n, batch_size=bs),
+                                             "HyDE: generating answers")
+            self.computed |= not cached
+        return self.answers
+
+    # -- methods --
+    def query_vectors(self, method: str) -> np.ndarray:
+        if method == "teacher":
+            return self._teacher(self.texts, "teacher query embeddings")
+        if method == "rkit":
+            return self._generative(self.texts)
+        if method == "fused":
+            w = self.cfg.fuse_weight
+            return normalise(w * self._generative(self.texts) + (1 - w) * self._teacher(self.texts, "teacher queries"))
+        if method in ("hyde", "hydeq"):
+            hyde = self._teacher(self.hyde_answers(), "HyDE answer embeddings")
+            return hyde if method == "hyde" else normalise(hyde + self._teacher(self.texts, "teacher queries"))
+        raise BenchError(f"unknown method '{method}'")
+
+    def run(self, method: str) -> Run:
+        k, doc_ids = self.cfg.top_k, self.ds.doc_ids
+        self.computed = False
+        if method == "bm25":
+            model, cached = bm25_index(self.ds, self.folder)
+            self.computed = not cached
+            return rank_bm25(model, self.texts, self.qids, doc_ids, self.ds.excluded, k)
+        docs = self.doc_matrix()
+        return rank_dense(self.query_vectors(method), docs, self.qids, doc_ids, self.ds.excluded, k,
+                          f"{method} scoring")
