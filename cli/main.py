@@ -179,23 +179,11 @@ def list_cmd(index_dir: Optional[Path] = typer.Option(None, "--index-dir"), as_j
         console.print(item)
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules (training, benchmarks)."""
-    try:
-        from .train import train as train_cmd
+from .bench import bench_app  # noqa: E402
+from .train import train as train_cmd  # noqa: E402
 
-        app.command("train")(train_cmd)
-    except ImportError:
-        pass
-    try:
-        from .bench import bench_app
-
-        app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb.")
-    except ImportError:
-        pass
-
-
-_register_optional()
+app.command("train")(train_cmd)
+app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb.")
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,520 @@
+"""Stage 3 of training: the optimisation loop, readable top to bottom (nanoGPT style).
+
+    for step in range(start, steps):
+        for each micro-batch (gradient accumulation):
+            queries ─► encoder ─► soft prompt, embedding
+            loss = w_recon · CE(backbone reproduces the response after the soft prompt)
+                 + w_align · L_align(embedding, teacher(response))
+            backward
+        clip grad norm; skip the update when the loss or the norm is not finite; AdamW step; lr schedule
+        every val_every steps: validation on the held-out split; every checkpoint_every: checkpoint
+
+Only the encoder's trainable parameters (special tokens, recon_proj, align_proj) are optimised; the backbone and
+teacher stay frozen. Batches come from a deterministic stream (epoch e is a permutation seeded by (seed, e)), so
+the data position of a checkpoint is just the step number and `resume` reproduces an uninterrupted run.
+Under torchrun (WORLD_SIZE > 1) the encoder is wrapped in DDP with the frozen parts ignored, every rank takes its
+own slice of each global batch, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import TrainError
+from .report import TrainingLog
+
+ALIGN_LOSSES = ("cos", "mse", "infonce")
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # ---- data -----------------------------------------------------------------------------------
+    queries: str = ""  # query file (jsonl with text/query/prompt/instruction, or .txt one per line)
+    out: str = ""  # adapter folder to write
+    limit: int | None = None  # use only the first N queries of the file
+    val_size: int = 200  # held-out queries (smallest text hashes), never trained on
+    # ---- models ---------------------------------------------------------------------------------
+    backbone: str | None = None  # None: the packaged SmolLM2-135M-Instruct
+    teacher: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    adapter: str | None = None  # start from this adapter folder instead of a fresh one
+    n_thought: int = 10
+    n_compress: int = 10
+    align_head: str = "linear"  # linear | mlp
+    system_prompt: str | None = None  # chat system prompt for responses and queries (None: template default)
+    device: str | None = None  # None: cuda when available, else cpu
+    threads: int = 0  # CPU threads; 0: the free cores (bitwise-exact resume wants the same count)
+    cache_dir: str | None = None  # None: $RKIT_HOME/cache
+    # ---- stage 1: responses ---------------------------------------------------------------------
+    max_new_tokens: int = 128
+    gen_batch_size: int = 0  # 0: 32 on CPU, 256 on CUDA
+    # ---- stage 3: optimisation ------------------------------------------------------------------
+    steps: int = 1000
+    batch_size: int = 16  # per device and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    # lr multipliers per parameter group (None: resolved by train(): 0.1 for recon_proj and 0.01 for the head
+    # after a ridge initialisation, which keeps the fitted head; 1 otherwise). See param_groups().
+    special_lr_scale: float = 1.0  # the special-token embeddings
+    recon_lr_scale: float | None = None  # recon_proj: the soft-prompt projection the head reads from
+    head_lr_scale: float | None = None  # align_proj
+    min_lr_ratio: float = 0.1  # the schedule decays to lr · min_lr_ratio
+    warmup: int = 50
+    schedule: str = "linear"  # linear | cosine decay after warm-up
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_target_tokens: int = 128  # response tokens (+ eos) the soft prompt must reproduce
+    align_loss: str = "cos"  # cos (2 − 2·cos) | mse (mean-reduced, weak: see RESEARCH.md) | infonce (cos + in-batch)
+    w_recon: float = 1.0  # 0 skips the reconstruction forward entirely
+    w_align: float = 10.0
+    temperature: float = 0.05  # infonce
+    target_mix: float = 0.0  # train towards normalise((1−m)·teacher(response) + m·teacher(query))
+    ridge_init: bool | None = None  # None: on for a fresh linear head (train() resolves it)
+    ridge_samples: int = 20000  # training queries used to fit the ridge initialisation
+    eval_batch_size: int = 32
+    val_every: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    stop_after: int | None = None  # leave a checkpoint and stop after this step (time-boxed runs, tests)
+    # ---- report ---------------------------------------------------------------------------------
+    decode_samples: int = 64  # validation queries decoded for the reconstruction figures
+    decode_tokens: int = 64
+    command: str | None = None  # the exact command line, for the model card
+
+    # fields that may differ between a run and its resumption without changing the result
+    RESUME_FREE = ("resume", "stop_after", "command", "device", "threads", "val_every", "checkpoint_every", "log_every",
+                   "decode_samples", "decode_tokens", "eval_batch_size", "gen_batch_size", "cache_dir", "out")
+
+    def check(self) -> None:
+        if self.align_loss not in ALIGN_LOSSES:
+            raise TrainError(f"unknown --align-loss '{self.align_loss}' (use {', '.join(ALIGN_LOSSES)})")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"unknown schedule '{self.schedule}' (use {', '.join(SCHEDULES)})")
+        if self.align_head not in ("linear", "mlp"):
+            raise TrainError(f"unknown --align-head '{self.align_head}' (use linear or mlp)")
+        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_target_tokens", "n_compress",
+                     "val_every", "checkpoint_every", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_thought < 0 or self.warmup < 0 or self.lr <= 0:
+            raise TrainError("--n-thought and --warmup must be >= 0 and --lr > 0")
+        if self.w_recon < 0 or self.w_align < 0 or self.w_recon + self.w_align == 0:
+            raise TrainError("loss weights must be >= 0 and not both 0")
+        if not 0.0 <= self.target_mix <= 1.0:
+            raise TrainError(f"target mix must be in [0, 1], got {self.target_mix}")
+
+    def resume_key(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
+
+
+@dataclass
+class LoopData:
+    """What the loop trains on: aligned lists/rows, training split and held-out split."""
+
+    train_queries: list[str]
+    train_responses: list[str]
+    train_targets: torch.Tensor  # (N, D) float32, unit rows (what the embedding is pulled towards)
+    val_queries: list[str]
+    val_responses: list[str]
+    val_targets: torch.Tensor  # (M, D) teacher(response): the validation figure is measured against these
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for q in self.train_queries:
+            h.update(q.encode() + b"\0")
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps taken (skipped ones included): also the data position
+    skipped: int = 0
+    elapsed: float = 0.0  # seconds spent in the loop over all (resumed) runs
+    ridge: dict = field(default_factory=dict)
+    last_val: dict = field(default_factory=dict)
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+def world() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def wrap_ddp(encoder):
+    """DDP over the trainable parameters only (the frozen backbone/teacher are neither broadcast nor reduced)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    frozen = [n for n, _ in encoder.named_parameters() if n.startswith(("backbone.", "teacher."))]
+    frozen += [n for n, _ in encoder.named_buffers() if n.startswith(("backbone.", "teacher."))]
+    DDP._set_params_and_buffers_to_ignore_for_model(encoder, frozen)
+    device_ids = [encoder.device.index] if encoder.device.type == "cuda" else None
+    return DDP(encoder, device_ids=device_ids)
+
+
+# ---- reproducibility --------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_indices(micro_step: int, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The examples of one micro-batch for one rank: a pure function of the position in the data stream.
+
+    Epoch e visits a permutation seeded by (seed, e); each epoch is cut into whole global batches (the tail is
+    dropped so every batch has the same size). A pool smaller than one global batch is repeated.
+    """
+    global_bs = batch_size * world_size
+    per_epoch = max(n // global_bs, 1)
+    epoch, slot = divmod(micro_step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    if n < global_bs:
+        order = order.repeat(math.ceil(global_bs / n))
+    start = slot * global_bs + rank * batch_size
+    return order[start : start + batch_size].tolist()
+
+
+# ---- batches and losses -----------------------------------------------------------------------------
+def tokenize_targets(tokenizer, responses: list[str], max_tokens: int, device) -> dict:
+    """Right-padded response tokens + eos, cut to max_tokens (a cut response keeps no eos: it did not end there).
+
+    `padding_side` is passed per call so the tokenizer stays left-padding for queries.
+    """
+    texts = [r + tokenizer.eos_token for r in responses]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                      max_length=max_tokens, add_special_tokens=False)
+    return {"target_ids": batch["input_ids"].to(device), "target_mask": batch["attention_mask"].to(device)}
+
+
+def make_batch(encoder, queries: list[str], responses: list[str], targets: torch.Tensor, cfg: TrainConfig) -> dict:
+    batch = dict(encoder.tokenize_queries(queries))
+    batch["targets"] = targets.to(encoder.device)
+    if cfg.w_recon > 0:  # the reconstruction forward is the expensive part: no targets, no forward
+        batch.update(tokenize_targets(encoder.tokenizer, responses, cfg.max_target_tokens, encoder.device))
+    return batch
+
+
+def align_loss(embedding: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """cos: 2 − 2·cos (same scale as the squared distance of unit vectors, but not divided by D);
+    mse: mean-reduced MSE on the raw embedding (≈100× weaker than L_recon: RESEARCH.md);
+    infonce: cos + in-batch contrastive loss against the other examples' targets."""
+    if cfg.align_loss == "mse":
+        return F.mse_loss(embedding, targets)
+    student = F.normalize(embedding, dim=-1)
+    loss = (2 - 2 * (student * targets).sum(-1)).mean()
+    if cfg.align_loss == "infonce":
+        logits = student @ F.normalize(targets, dim=-1).T / cfg.temperature
+        loss = loss + F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+    return loss
+
+
+def compute_losses(model, encoder, batch: dict, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    out = model(batch["input_ids"], batch["attention_mask"])
+    align = align_loss(out["embedding"].float(), batch["targets"], cfg)
+    if cfg.w_recon > 0:
+        recon = encoder.recon_loss(out["soft_prompt"], batch["target_ids"], batch["target_mask"])
+    else:
+        recon = torch.zeros((), device=align.device)
+    return {"loss": cfg.w_recon * recon + cfg.w_align * align, "recon": recon, "align": align}
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the backbone is already bf16 there; this covers the fp32 projections); none on CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def param_groups(encoder, cfg: TrainConfig) -> list[dict]:
+    """Trainable parameters in groups with their own learning rates (the schedule scales them all alike).
+
+    Adam moves every weight by ~lr per step whatever its gradient's size. The head's input (mean soft prompt) has
+    norm ~50 on SmolLM2 — mostly a query-independent offset, one dimension ≈ 40 — while a target coordinate is
+    ~0.05, so one step at lr 1e-3 on align_proj or recon_proj shifts every output coordinate by ~lr·Σ|x| ≈ 0.4.
+    Measured (500 queries, alignment only): a ridge-initialised head at val cos 0.542 fell to 0.395 after 15
+    steps at uniform lr 1e-3, to 0.469 with the head at ×0.01, and held at 0.533 with head ×0.01 + recon_proj ×0.1.
+    """
+    scale = lambda v: 1.0 if v is None else v  # unresolved (loop called directly): the plain rate
+    scales = {"special": scale(cfg.special_lr_scale), "recon_proj.": scale(cfg.recon_lr_scale), "head": scale(cfg.head_lr_scale)}
+    trainable = {id(p) for p in encoder.trainable_parameters()}
+    groups: dict[str, list] = {"special": [], "recon_proj.": [], "head": []}
+    for name, param in encoder.named_parameters():
+        if id(param) in trainable:
+            key = next((k for k in scales if name.startswith(k)), "head")
+            groups[key].append(param)
+    return [{"params": ps, "lr": cfg.lr * scales.get(k, 1.0), "name": k.rstrip(".")} for k, ps in groups.items() if ps]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then linear or cosine decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return (step + 1) / (cfg.warmup + 1)
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        decay = 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_queries(encoder, queries: list[str], batch_size: int, key: str = "embedding") -> torch.Tensor:
+    """Encoder outputs for many queries in input order: the unit embedding, or ('features') mean(soft_prompt)."""
+    rows = []
+    with autocast(encoder.device):
+        for start in range(0, len(queries), batch_size):
+            out = encoder(**encoder.tokenize_queries(queries[start : start + batch_size]))
+            rows.append(out["soft_prompt"].mean(1).float() if key == "features" else F.normalize(out["embedding"].float(), dim=-1))
+    return torch.cat(rows).cpu() if rows else torch.zeros(0)
+
+
+@torch.no_grad()
+def validate(encoder, data: LoopData, cfg: TrainConfig) -> dict:
+    """val_cos: mean cos(student, teacher(response)) on the held-out split; val_recon: its reconstruction CE."""
+    if not data.val_queries:
+        return {}
+    emb = embed_queries(encoder, data.val_queries, cfg.eval_batch_size)
+    result = {"val_cos": float((emb * data.val_targets).sum(-1).mean())}
+    if cfg.w_recon > 0:
+        losses = []
+        for start in range(0, len(data.val_queries), cfg.eval_batch_size):
+            sl = slice(start, start + cfg.eval_batch_size)
+            batch = make_batch(encoder, data.val_queries[sl], data.val_responses[sl], data.val_targets[sl], cfg)
+            with autocast(encoder.device):
+                losses.append(float(compute_losses(encoder, encoder, batch, cfg)["recon"]))
+        result["val_recon"] = float(np.mean(losses))
+    return result
+
+
+# ---- closed-form initialisation of the alignment head ---------------------------------------------------
+RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)  # λ as a multiple of the mean feature variance
+
+
+@torch.no_grad()
+def ridge_init(encoder, data: LoopData, cfg: TrainConfig, on_progress: Callable[[int], None] | None = None) -> dict:
+    """Fit align_proj in closed form: ridge regression from mean(soft_prompt) to the training targets.
+
+    λ is picked on the held-out split by mean cosine. This gives the head the best linear readout of the
+    untrained encoder's features before step 0, instead of a random projection that gradient descent must undo.
+    """
+    n = min(len(data.train_queries), cfg.ridge_samples)
+    feats = []
+    for start in range(0, n, cfg.eval_batch_size):
+        feats.append(embed_queries(encoder, data.train_queries[start : min(n, start + cfg.eval_batch_size)],
+                                   cfg.eval_batch_size, key="features"))
+        if on_progress:
+            on_progress(min(n, start + cfg.eval_batch_size) - start)
+    x = torch.cat(feats).double()
+    y = data.train_targets[:n].double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram, cross = xc.T @ xc, xc.T @ yc
+    scale = float(torch.diagonal(gram).mean())  # λ relative to the features' own scale
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    val_x = embed_queries(encoder, data.val_queries, cfg.eval_batch_size, key="features").double() if data.val_queries else None
+
+    def fit(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.linalg.solve(gram + alpha * scale * eye, cross)  # (H, D)
+        return w, y_mean - x_mean @ w
+
+    scores = {}
+    if val_x is not None:
+        for alpha in RIDGE_GRID:
+            w, b = fit(alpha)
+            pred = F.normalize(val_x @ w + b, dim=-1)
+            scores[alpha] = float((pred * data.val_targets.double()).sum(-1).mean())
+        best = max(scores, key=scores.get)
+    else:
+        best = 1e-2  # no held-out split to choose on: a middle-of-the-grid default
+    w, b = fit(best)
+    head = encoder.align_proj
+    head.weight.copy_(w.T.to(head.weight.dtype))
+    head.bias.copy_(b.to(head.bias.dtype))
+    return {"samples": n, "alpha": best, "val_cos": scores.get(best), "grid": {str(k): round(v, 4) for k, v in scores.items()}}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+CHECKPOINT = "state.pt"
+
+
+def save_checkpoint(folder: Path, encoder, optimizer, scheduler, state: LoopState, cfg: TrainConfig, data_fp: str) -> None:
+    """Everything `resume` needs, written atomically (a killed save leaves the previous checkpoint intact)."""
+    payload = {
+        "adapter": {k: v.detach().cpu().clone() for k, v in encoder.adapter_state().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "loop": asdict(state),
+        "config": cfg.resume_key(),
+        "data": data_fp,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (CHECKPOINT + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, folder / CHECKPOINT)
+    except OSError as exc:
+        raise TrainError(f"cannot write checkpoint {folder}: {exc.strerror or exc}") from exc
+
+
+def _read_checkpoint(folder: Path) -> dict:
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        raise TrainError(f"--resume: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are pickled
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise TrainError(f"--resume: unreadable checkpoint {path} ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+
+
+def check_resumable(folder: Path, cfg: TrainConfig, payload: dict | None = None) -> dict:
+    """The checkpoint exists and was made with the same settings (else resuming would not reproduce anything)."""
+    payload = payload or _read_checkpoint(folder)
+    changed = sorted(k for k, v in cfg.resume_key().items() if payload["config"].get(k) != v)
+    if changed:
+        raise TrainError(f"--resume: settings differ from the checkpoint's: {', '.join(changed)}")
+    return payload
+
+
+def load_checkpoint(folder: Path, encoder, optimizer, scheduler, cfg: TrainConfig, data_fp: str) -> LoopState:
+    payload = check_resumable(folder, cfg)
+    if payload["data"] != data_fp:
+        raise TrainError("--resume: the training queries differ from the checkpoint's (file, --limit or --val-size changed)")
+    encoder.load_state_dict(payload["adapter"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return LoopState(**payload["loop"])
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
+               on_event: Callable[[str, dict], None] | None = None) -> LoopState:
+    """Train `encoder` in place; returns the final loop state. Events: ("ridge", n), ("step", row), ("val", row)."""
+    emit = on_event or (lambda kind, row: None)
+    rank, world_size = world()
+    device = encoder.device
+    ckpt_dir = out / "checkpoint"
+    data_fp = data.fingerprint()
+    params = encoder.trainable_parameters()
+    optimizer = torch.optim.AdamW(param_groups(encoder, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    log = TrainingLog(out / "training_log.jsonl", enabled=rank == 0)
+
+    if cfg.resume:
+        state = load_checkpoint(ckpt_dir, encoder, optimizer, scheduler, cfg, data_fp)
+        log.truncate_after(state.step)  # rows written after the checkpoint are redone identically
+    else:
+        seed_everything(cfg.seed)
+        state = LoopState()
+        log.reset()
+        if cfg.ridge_init:
+            before = validate(encoder, data, cfg).get("val_cos")
+            state.ridge = {"val_cos_before": before, **ridge_init(encoder, data, cfg, lambda k: emit("ridge", {"n": k}))}
+            log.write({"step": 0, "event": "ridge_init", **state.ridge})
+        state.last_val = validate(encoder, data, cfg)
+        log.write({"step": 0, **state.last_val})
+        emit("val", {"step": 0, **state.last_val})
+
+    model = wrap_ddp(encoder) if world_size > 1 else encoder
+    n_train = len(data.train_queries)
+    window = {"loss": [], "recon": [], "align": [], "tokens": 0, "t0": time.perf_counter()}
+    t_run = time.perf_counter() - state.elapsed
+
+    while state.step < cfg.steps:
+        # one optimizer step = grad_accum micro-batches
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[-1]  # the rate this step uses (the head group: the unscaled rate)
+        finite = True
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(state.step * cfg.grad_accum + micro, n_train, cfg.batch_size, cfg.seed, rank, world_size)
+            batch = make_batch(encoder, [data.train_queries[i] for i in idx], [data.train_responses[i] for i in idx],
+                               data.train_targets[idx], cfg)
+            sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(device):
+                    losses = compute_losses(model, encoder, batch, cfg)
+                # always backward, even a non-finite loss: under DDP every rank must join the all-reduce
+                (losses["loss"] / cfg.grad_accum).backward()
+            finite &= bool(torch.isfinite(losses["loss"]))
+            for k in ("loss", "recon", "align"):
+                window[k].append(losses[k].item())
+            window["tokens"] += int(batch["attention_mask"].sum()) + len(idx) * encoder.special.shape[0]
+            window["tokens"] += int(batch["target_mask"].sum()) if "target_mask" in batch else 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        skip = torch.tensor(float(not (finite and torch.isfinite(grad_norm))), device=device)
+        if world_size > 1:  # a rank with a bad local loss makes everyone skip
+            torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
+        if skip.item():
+            state.skipped += 1  # the guard: a non-finite step never reaches the weights or Adam's moments
+            optimizer.zero_grad(set_to_none=True)
+            # what the culprit batch was, so the cause can be found (RESEARCH.md saw one such batch on GPU)
+            log.write({"step": state.step + 1, "event": "non_finite_skipped", "loss": losses["loss"].item(),
+                       "grad_norm": float(grad_norm), "queries": [data.train_queries[i][:80] for i in idx]})
+            with warnings.catch_warnings():  # the schedule advances anyway; torch warns if no update came yet
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
+        else:
+            optimizer.step()
+            scheduler.step()
+        state.step += 1
+        state.elapsed = time.perf_counter() - t_run
+
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            now = time.perf_counter()
+            row = {"step": state.step, **{k: _mean(window[k]) for k in ("loss", "recon", "align")},
+                   "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": window["tokens"] * world_size / max(now - window["t0"], 1e-9),
+                   "skipped": state.skipped, "elapsed_s": round(state.elapsed, 1)}
+            log.write(row)
+            emit("step", row)
+            window = {"loss": [], "recon": [], "align": [], "tokens": 0, "t0": now}
+        if state.step % cfg.val_every == 0 or state.step == cfg.steps:
+            t_val = time.perf_counter()
+            state.last_val = validate(encoder, data, cfg)
+            window["t0"] += time.perf_counter() - t_val  # tokens/s counts training time only
+            log.write({"step": state.step, **state.last_val})
+            emit("val", {"step": state.step, **state.last_val})
+        stopping = cfg.stop_after is not None and state.step >= cfg.stop_after and state.step < cfg.steps
+        if rank == 0 and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stopping):
+            save_checkpoint(ckpt_dir, encoder, optimizer, scheduler, state, cfg, data_fp)
+        if stopping:
+            break
+    return state
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,267 @@
+"""Stage 4 of training: the training log, the loss curve, the validation figures and the model card.
+
+Files written into the adapter folder: ``training_log.jsonl`` (one JSON row per log interval, validation or
+event), ``loss.png`` and ``README.md`` (the model card).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ---- training_log.jsonl ------------------------------------------------------------------------------
+
+
+class TrainingLog:
+    """Append-only JSON lines; rank 0 only (other ranks hold a disabled log)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def reset(self) -> None:
+        if self.enabled:
+            self._write_all([])
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows the interrupted run wrote after its checkpoint (the resumed run redoes them)."""
+        if self.enabled:
+            self._write_all([r for r in read_log(self.path) if r.get("step", 0) <= step])
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(_json(row) + "\n")
+
+    def _write_all(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(_json(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_log(path: Path) -> list[dict]:
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _json(row: dict) -> str:
+    def clean(v):
+        if isinstance(v, float):
+            return round(v, 6) if math.isfinite(v) else None  # JSON has no NaN
+        return v
+
+    return json.dumps({k: clean(v) for k, v in row.items()})
+
+
+# ---- loss.png ----------------------------------------------------------------------------------------
+
+
+def plot_losses(rows: list[dict], path: Path) -> Path | None:
+    """Training losses per logged step (left) and validation cosine (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r and r.get("loss") is not None]
+    val = [r for r in rows if r.get("val_cos") is not None and "event" not in r]
+    if not train and not val:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "-"), ("recon", "--"), ("align", ":")):
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if points and any(v for _, v in points):
+            ax1.plot(*zip(*points), style, label=key)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    if val:
+        ax2.plot([r["step"] for r in val], [r["val_cos"] for r in val], "o-", label="student")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("val mean cos(student, teacher(response))")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- validation figures --------------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased word tokens (longest common subsequence, O(n·m) dynamic programme)."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def validation_figures(encoder, queries: list[str], responses: list[str], response_vecs: np.ndarray,
+                       query_vecs: np.ndarray, decode_samples: int = 64, decode_tokens: int = 64,
+                       batch_size: int = 32, n_examples: int = 5) -> dict:
+    """The numbers that tell whether training worked, all on the held-out split.
+
+    - student_cos: mean cos(student embedding, teacher(response));
+    - baseline_cos: mean cos(teacher(query), teacher(response)) — what you get with no training at all;
+    - reconstruction: decode the student's soft prompt and compare it with the real response (teacher cosine
+      and ROUGE-L F1), on the first `decode_samples` held-out queries; plus example triples.
+    """
+    if not queries:
+        return {}
+    student = encoder.encode(queries, batch_size=batch_size)
+    figures = {
+        "n_val": len(queries),
+        "student_cos": float((student * response_vecs).sum(1).mean()),
+        "baseline_cos": float((query_vecs * response_vecs).sum(1).mean()),
+    }
+    n = min(decode_samples, len(queries))
+    if n:
+        decoded = encoder.decode(queries[:n], max_new_tokens=decode_tokens, batch_size=min(batch_size, 16))
+        decoded_vecs = encoder.encode_teacher(decoded)
+        figures["reconstruction"] = {
+            "n": n,
+            "max_new_tokens": decode_tokens,
+            "teacher_cos": float((decoded_vecs * response_vecs[:n]).sum(1).mean()),
+            "rouge_l_f1": float(np.mean([rouge_l_f1(d, r) for d, r in zip(decoded, responses[:n])])),
+        }
+        figures["examples"] = [{"query": q, "response": r, "decoded": d}
+                               for q, r, d in list(zip(queries, responses, decoded))[:n_examples]]
+    return figures
+
+
+# ---- model card ------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": device.type, "cpu": _cpu_model(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpus"] = torch.cuda.device_count()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parameter_counts(encoder) -> dict:
+    trainable = sum(p.numel() for p in encoder.trainable_parameters())
+    backbone = sum(p.numel() for p in encoder.backbone.parameters())
+    teacher = sum(p.numel() for p in encoder.teacher.parameters()) if encoder.teacher is not None else 0
+    return {"trainable": trainable, "backbone_frozen": backbone, "teacher_frozen": teacher,
+            "total": trainable + backbone, "trainable_share": trainable / max(1, trainable + backbone)}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return text.replace("|", "\\|")
+
+
+def model_card(summary: dict) -> str:
+    """README.md for the adapter folder, from the summary `train()` returns."""
+    cfg, data, fig = summary["config"], summary["data"], summary.get("figures", {})
+    machine, params = summary["machine"], summary["parameters"]
+    rec = fig.get("reconstruction", {})
+    ridge = summary.get("ridge") or {}
+    where = f"GPU ({machine.get('gpu')})" if machine["device"] == "cuda" else f"CPU ({machine['cpu']}, {machine['threads']} threads)"
+    lines = [
+        f"# rkit adapter: {summary['backbone']} → {summary['teacher']}",
+        "",
+        f"Produced by `rkit train` on {where}. It stores only the trainable parts of the GenerativeEncoder (special "
+        f"tokens and the two projections); the backbone and teacher named in `config.json` stay frozen.",
+        "",
+        "## Command",
+        "```",
+        cfg.get("command") or "(called from Python: retrieval_kit.train.train)",
+        "```",
+        "",
+        "## Data",
+        f"- query file: `{data['file']}` — {data['records']} records read{' (--limit ' + str(cfg['limit']) + ')' if cfg.get('limit') else ''}, "
+        f"{data['unique']} distinct",
+        f"- training queries: {data['train']} (with a usable response: {data['train_used']}); held-out validation queries: "
+        f"{data['val']} (the `--val-size` smallest text hashes; never trained on)",
+        f"- responses: the backbone's own greedy answers, chat template, at most {cfg['max_new_tokens']} new tokens "
+        f"(system prompt: {cfg.get('system_prompt') or 'template default'}); targets: teacher(response), L2-normalised",
+        "",
+        "## Training",
+        f"- steps: {summary['steps']} (skipped as non-finite: {summary['skipped']}), batch {cfg['batch_size']} × "
+        f"grad-accum {cfg['grad_accum']} × {summary.get('world_size', 1)} device(s), AdamW lr {cfg['lr']} "
+        f"(× {cfg['special_lr_scale']} special tokens, × {cfg['recon_lr_scale']} recon_proj, × {cfg['head_lr_scale']} head) "
+        f"({cfg['schedule']} decay after {cfg['warmup']} warm-up steps, to ×{cfg['min_lr_ratio']}), grad clip {cfg['grad_clip']}, seed {cfg['seed']}",
+        f"- loss = {cfg['w_recon']} · L_recon (response tokens ≤ {cfg['max_target_tokens']}) + {cfg['w_align']} · "
+        f"L_align ({cfg['align_loss']}); {cfg['n_thought']} thought + {cfg['n_compress']} compression tokens, "
+        f"{cfg['align_head']} alignment head; ridge initialisation of the head: "
+        f"{'yes (λ = ' + str(ridge.get('alpha')) + ' × mean feature variance, ' + str(ridge.get('samples')) + ' queries)' if ridge else 'no'}",
+        f"- wall time: {summary['wall_s'] / 60:.1f} min in total ({summary['loop_s'] / 60:.1f} min in the loop); this "
+        f"run's stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("timings_s", {}).items()),
+        f"- parameters: {params['trainable']:,} trainable of {params['total']:,} "
+        f"({100 * params['trainable_share']:.2f} %; backbone {params['backbone_frozen']:,} frozen, teacher "
+        f"{params['teacher_frozen']:,} frozen and used only for targets)",
+        "",
+        "## Machine",
+        f"- {where}; {machine['platform']}; Python {machine['python']}; torch {machine['torch']}",
+        "",
+        f"## Validation ({fig.get('n_val', 0)} held-out queries)",
+        "",
+        "| query embedding | mean cos to teacher(response) |",
+        "|---|---:|",
+        f"| no training: teacher(query) (baseline) | {_fmt(fig.get('baseline_cos'))} |",
+    ]
+    if ridge:
+        lines.append(f"| untrained encoder, random head | {_fmt(ridge.get('val_cos_before'))} |")
+        lines.append(f"| untrained encoder + ridge-initialised head (step 0) | {_fmt(ridge.get('val_cos'))} |")
+    lines.append(f"| **this adapter (student)** | **{_fmt(fig.get('student_cos'))}** |")
+    if rec:
+        lines += [
+            "",
+            f"Reconstruction (the student's soft prompt decoded greedily, ≤ {rec['max_new_tokens']} tokens, first "
+            f"{rec['n']} held-out queries, compared with the backbone's real response): teacher cosine "
+            f"{_fmt(rec['teacher_cos'])}, ROUGE-L F1 {_fmt(rec['rouge_l_f1'])}.",
+        ]
+    if fig.get("examples"):
+        lines += ["", "## Examples (held-out)", "", "| query | backbone response | decoded from the student |", "|---|---|---|"]
+        lines += [f"| {_cell(e['query'], 200)} | {_cell(e['response'])} | {_cell(e['decoded'])} |" for e in fig["examples"]]
+    lines += ["", "## Files",
+              "`config.json`, `adapter.safetensors` (the adapter), `training_log.jsonl` (losses, lr, tokens/s, "
+              "skipped steps, validation), `loss.png`, this README.", ""]
+    return "\n".join(lines)

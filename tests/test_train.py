@@ -1,0 +1,294 @@
+"""rkit train: the real default models on CPU, a handful of short queries, a few steps.
+
+Kept small (short queries, 8-token responses, batch 2) so the whole file runs in a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import retrieval_kit.train.loop as loop_module
+import retrieval_kit.train.responses as responses_module
+from retrieval_kit.errors import TrainError
+from retrieval_kit.train import TrainConfig, train
+from retrieval_kit.train.data import load_split, read_queries, split_queries
+from retrieval_kit.train.loop import LoopData, align_loss, batch_indices, lr_factor, tokenize_targets, train_loop
+from retrieval_kit.train.report import read_log, rouge_l_f1
+from retrieval_kit.train.targets import EmbeddingStore, embed_texts
+
+QUERIES = [
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "Name a primary color.",
+    "How many legs does a spider have?",
+    "What is two plus two?",
+    "Define gravity in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A query file and a response/target cache shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("pool")
+    path = root / "queries.jsonl"
+    path.write_text("".join(json.dumps({"_id": str(i), "text": q}) + "\n" for i, q in enumerate(QUERIES)))
+    return {"queries": path, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def fresh_encoder():
+    """An untrained encoder of this module's own (tests below change its adapter weights)."""
+    from retrieval_kit.models import EncoderConfig, build_encoder
+
+    torch.manual_seed(0)
+    return build_encoder(EncoderConfig(), device="cpu")
+
+
+def tiny(pool, out, **overrides) -> TrainConfig:
+    settings = dict(queries=str(pool["queries"]), out=str(out), cache_dir=str(pool["cache"]), limit=3, val_size=1,
+                    max_new_tokens=8, max_target_tokens=16, steps=4, batch_size=2, warmup=0, val_every=100,
+                    checkpoint_every=100, log_every=1, decode_samples=0, decode_tokens=4, eval_batch_size=8,
+                    device="cpu")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(tensors):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- the pipeline with real models -------------------------------------------------------------------
+
+
+def test_training_learns_and_changes_only_the_adapter(pool, tmp_path, fresh_encoder):
+    encoder = fresh_encoder
+    backbone_before = digest(encoder.backbone.state_dict().items())
+    teacher_before = digest(encoder.teacher.state_dict().items())
+    adapter_before = {k: v.clone() for k, v in encoder.adapter_state().items()}
+    out = tmp_path / "adapter"
+    # 2 training queries and batch 2: every step sees the same batch, so the loss must fall
+    summary = train(tiny(pool, out, steps=6, lr=3e-3, ridge_init=False, decode_samples=1), encoder=encoder,
+                    progress=False)
+
+    losses = [r["loss"] for r in read_log(out / "training_log.jsonl") if r.get("loss") is not None]
+    assert len(losses) == 6
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+    # frozen parts bit-identical, every trainable tensor moved
+    assert digest(encoder.backbone.state_dict().items()) == backbone_before
+    assert digest(encoder.teacher.state_dict().items()) == teacher_before
+    for name, value in encoder.adapter_state().items():
+        assert not torch.equal(value, adapter_before[name]), name
+    trainable = sum(v.numel() for v in adapter_before.values())
+    assert summary["parameters"]["trainable"] == trainable < summary["parameters"]["total"] / 100
+
+    # the adapter folder: weights, config with the figures, model card, loss curve; no leftover checkpoint
+    assert {p.name for p in out.iterdir()} == {"adapter.safetensors", "config.json", "README.md", "loss.png",
+                                               "training_log.jsonl"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["trained"] is True
+    val = config["training"]["val"]
+    assert -1 <= val["student_cos"] <= 1 and -1 <= val["baseline_cos"] <= 1
+    assert 0 <= val["reconstruction"]["rouge_l_f1"] <= 1
+    card = (out / "README.md").read_text()
+    assert "baseline" in card and "trainable" in card and "CPU" in card
+    assert summary["data"] == {"file": str(pool["queries"]), "records": 3, "unique": 3, "train": 2, "val": 1,
+                               "train_used": 2}
+
+
+def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(pool, tmp_path, monkeypatch):
+    full = train(tiny(pool, tmp_path / "full", w_recon=0, checkpoint_every=2), progress=False)
+    assert full["status"] == "finished" and full["ridge"]["val_cos"] is not None
+
+    # from here on the response cache must be enough: count generation calls, check the cache file is untouched
+    calls = []
+    real_generate = responses_module.generate_batch
+    monkeypatch.setattr(responses_module, "generate_batch", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    cache_files = {p: p.read_bytes() for p in (pool["cache"] / "responses").glob("*.jsonl")}
+
+    part = tmp_path / "part"
+    stopped = train(tiny(pool, part, w_recon=0, checkpoint_every=2, stop_after=2), progress=False)
+    assert stopped["status"] == "stopped" and stopped["steps"] == 2
+    assert (part / "checkpoint" / "state.pt").is_file() and not (part / "adapter.safetensors").exists()
+    with pytest.raises(TrainError, match="--resume"):  # a second plain run must not silently start over
+        train(tiny(pool, part, w_recon=0, checkpoint_every=2), progress=False)
+    with pytest.raises(TrainError, match="lr"):  # resuming with other settings would not reproduce anything
+        train(tiny(pool, part, w_recon=0, checkpoint_every=2, lr=5e-3, resume=True), progress=False)
+    resumed = train(tiny(pool, part, w_recon=0, checkpoint_every=2, resume=True), progress=False)
+    assert resumed["status"] == "finished" and resumed["steps"] == 4
+
+    a, b = load_file(str(tmp_path / "full" / "adapter.safetensors")), load_file(str(part / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    losses = lambda folder: [(r["step"], r["loss"]) for r in read_log(folder / "training_log.jsonl") if "loss" in r]
+    assert losses(tmp_path / "full") == losses(part)
+    assert calls == []
+    assert {p: p.read_bytes() for p in cache_files} == cache_files
+
+
+def test_non_finite_steps_are_skipped(tmp_path, fresh_encoder, monkeypatch):
+    encoder = fresh_encoder
+    real = loop_module.compute_losses
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        return {**losses, "loss": losses["loss"] * float("nan")}
+
+    monkeypatch.setattr(loop_module, "compute_losses", poisoned)
+    targets = torch.nn.functional.normalize(torch.randn(3, encoder.config.embed_dim), dim=-1)
+    data = LoopData(QUERIES[:2], ["Paris.", "Shakespeare."], targets[:2], QUERIES[2:3], ["Red."], targets[2:])
+    before = {k: v.clone() for k, v in encoder.adapter_state().items()}
+    cfg = TrainConfig(steps=2, batch_size=2, warmup=0, w_recon=0.0, ridge_init=False, val_every=100, log_every=1)
+    state = train_loop(encoder, data, cfg, tmp_path)
+    assert state.step == 2 and state.skipped == 2
+    for name, value in encoder.adapter_state().items():
+        assert torch.equal(value, before[name]), name
+    rows = read_log(tmp_path / "training_log.jsonl")
+    assert [r["skipped"] for r in rows if "skipped" in r] == [1, 2]
+    assert [r["step"] for r in rows if r.get("event") == "non_finite_skipped"] == [1, 2]
+
+
+# ---- one-line errors through the CLI -------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli():
+    from rkit_cli.train import train as train_command
+
+    app = typer.Typer()
+    app.command("train")(train_command)
+
+    @app.callback()
+    def main():  # a callback keeps `train` a sub-command, as in the real app
+        pass
+
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(app, ["train", *map(str, args)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        return result.exit_code, lines
+
+    return run
+
+
+def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": oops}\n')
+    textless = tmp_path / "textless.jsonl"
+    textless.write_text('{"_id": "1", "title": "no text here"}\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    cases = [
+        (["--queries", empty, "--out", out], "empty"),
+        (["--queries", broken, "--out", out], "broken.jsonl:2: malformed JSON"),
+        (["--queries", textless, "--out", out], "textless.jsonl:1: record has no text"),
+        (["--queries", tmp_path / "missing.jsonl", "--out", out], "not found"),
+        (["--queries", pool["queries"], "--out", blocker / "sub"], "not writable"),
+        (["--queries", pool["queries"], "--out", out, "--align-loss", "l1"], "unknown --align-loss"),
+        (["--queries", pool["queries"], "--out", out, "--val-size", 1, "--backbone", "no-such-org/no-such-model"], "cannot load backbone"),
+        (["--queries", pool["queries"], "--out", out, "--val-size", 1, "--teacher", "no-such-org/no-such-teacher"], "cannot load teacher"),
+    ]
+    for args, expected in cases:
+        code, lines = cli(*args)
+        assert code != 0, args
+        assert len(lines) == 1 and expected in lines[0], (args, lines)
+        assert "Traceback" not in lines[0]
+
+
+# ---- small pieces, no models -----------------------------------------------------------------------------
+
+
+def test_query_files_dedupe_and_a_split_stable_as_the_pool_grows(tmp_path):
+    txt = tmp_path / "q.txt"
+    txt.write_text("alpha\n\nbeta\nalpha\n")
+    assert read_queries(txt) == ["alpha", "beta", "alpha"]
+    jl = tmp_path / "q.jsonl"
+    jl.write_text('{"query": "a"}\n{"prompt": "b"}\n{"instruction": "c"}\n{"text": "d", "query": "x"}\n')
+    assert read_queries(jl) == ["a", "b", "c", "d"]
+    assert read_queries(jl, limit=2) == ["a", "b"]
+    split = load_split(txt, val_size=1)
+    assert (split.n_lines, split.n_unique, len(split.train), len(split.val)) == (3, 2, 1, 1)
+
+    small = [f"query {i}" for i in range(300)]
+    large = small + [f"other query {i}" for i in range(700)]
+    train_small, val_small = split_queries(small, 20)
+    train_large, val_large = split_queries(large, 20)
+    assert len(val_small) == 20 and not set(train_small) & set(val_small)
+    assert set(val_large) & set(small) <= set(val_small)  # growing the pool never turns a training query into val
+    assert split_queries(list(reversed(small)), 20)[1] == list(reversed(val_small))  # order-independent
+    with pytest.raises(TrainError):
+        split_queries(["one"], 1)
+
+
+def test_data_stream_schedule_losses_and_rouge():
+    first = [batch_indices(k, 10, 3, seed=0) for k in range(3)]  # one epoch: 3 whole batches of a permutation
+    assert first == [batch_indices(k, 10, 3, seed=0) for k in range(3)]
+    assert len(set(sum(first, []))) == 9
+    assert batch_indices(0, 10, 3, seed=1) != first[0]
+    assert len(batch_indices(5, 2, 4, seed=0)) == 4  # a pool smaller than a batch is repeated
+    ranks = [batch_indices(0, 20, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+
+    cfg = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) < lr_factor(9, cfg) <= 1.0
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, cfg) == pytest.approx(0.1 + 0.9 * (1 - 89 / 90))
+
+    t = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    assert align_loss(3 * t, t, TrainConfig(align_loss="cos")).item() == pytest.approx(0.0, abs=1e-6)
+    assert align_loss(-t, t, TrainConfig(align_loss="cos")).item() == pytest.approx(4.0, abs=1e-5)
+    assert align_loss(t, t, TrainConfig(align_loss="infonce")).item() < align_loss(t.roll(1, 0), t, TrainConfig(align_loss="infonce")).item()
+
+    assert rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l_f1("", "anything") == 0.0
+    assert rouge_l_f1("cat the", "the cat") == pytest.approx(0.5)
+
+
+def test_target_cache_is_resumable_and_ignores_torn_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr("retrieval_kit.train.targets.CHUNK", 2)
+    calls = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+    store = EmbeddingStore(tmp_path / "t")
+    vecs = embed_texts(store, ["a", "bb", "ccc", "a"], embed)
+    assert vecs.shape == (4, 2) and np.allclose(np.linalg.norm(vecs, axis=1), 1) and np.allclose(vecs[0], vecs[3])
+    assert calls == [["a", "bb"], ["ccc"]]
+    (tmp_path / "t" / "shard-0-torn.jsonl").write_text('"dddd"\n')  # killed before its .npy was written
+    again = EmbeddingStore(tmp_path / "t")
+    assert "dddd" not in again and "ccc" in again
+    embed_texts(again, ["a", "dddd"], embed)
+    assert calls[-1] == ["dddd"]
+    assert np.allclose(EmbeddingStore(tmp_path / "t").get(["bb"]), vecs[1:2])
+
+
+def test_targets_are_right_padded_with_eos_and_queries_stay_left_padded(fresh_encoder):
+    encoder = fresh_encoder
+    tok = encoder.tokenizer
+    batch = tokenize_targets(tok, ["Paris is the capital of France.", "Yes"], 5, "cpu")
+    ids, mask = batch["target_ids"], batch["target_mask"]
+    assert ids.shape == (2, 5)
+    assert mask[1].tolist()[:2] == [1, 1] and mask[1].tolist()[-1] == 0  # right padding
+    assert ids[1, int(mask[1].sum()) - 1] == tok.eos_token_id  # short response ends with eos
+    assert ids[0, -1] != tok.eos_token_id  # a cut response does not pretend to end
+    assert tok.padding_side == "left"
+    q = encoder.tokenize_queries(["hi", "a much longer question than the other one"])
+    assert q["attention_mask"][0, 0] == 0 and q["attention_mask"][0, -1] == 1
