@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import retrieval_kit.train.loop as loop_module
 import retrieval_kit.train.responses as responses_module
 from retrieval_kit.errors import TrainError
-from retrieval_kit.train import TrainConfig, train
+from retrieval_kit.train import TrainConfig, cpu_threads, train
 from retrieval_kit.train.data import load_split, read_queries, split_queries
 from retrieval_kit.train.loop import LoopData, align_loss, batch_indices, lr_factor, tokenize_targets, train_loop
 from retrieval_kit.train.report import read_log, rouge_l_f1
@@ -138,7 +138,16 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(poo
     assert {p: p.read_bytes() for p in cache_files} == cache_files
 
 
-def test_non_finite_steps_are_skipped(tmp_path, fresh_encoder, monkeypatch):
+@pytest.fixture
+def free_threads():
+    """Threads as train() picks them (on a shared CPU, oversubscribed OpenMP threads crawl); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    yield
+    torch.set_num_threads(before)
+
+
+def test_non_finite_steps_are_skipped(tmp_path, fresh_encoder, monkeypatch, free_threads):
     encoder = fresh_encoder
     real = loop_module.compute_losses
 
@@ -292,3 +301,15 @@ def test_targets_are_right_padded_with_eos_and_queries_stay_left_padded(fresh_en
     assert tok.padding_side == "left"
     q = encoder.tokenize_queries(["hi", "a much longer question than the other one"])
     assert q["attention_mask"][0, 0] == 0 and q["attention_mask"][0, -1] == 1
+
+
+def test_response_cache_survives_a_torn_last_line(tmp_path, monkeypatch):
+    config = responses_module.GenerationConfig(max_new_tokens=4)
+    path = responses_module.cache_path(tmp_path, "bb", config)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"query": "a", "response": "A"}\n{"query": "b", "resp')  # killed mid-write
+    monkeypatch.setattr(responses_module, "generate_batch", lambda model, tok, batch, **kw: [q.upper() for q in batch])
+    got = responses_module.generate_responses(None, None, ["a", "b", "c"], backbone_name="bb", config=config,
+                                              cache_dir=tmp_path)
+    assert got == {"a": "A", "b": "B", "c": "C"}
+    assert responses_module.read_cache(path) == got

@@ -1,5 +1,6 @@
 """Stage 3 of training: the optimisation loop, readable top to bottom (nanoGPT style).
 
+    before step 0 (fresh linear head): fit align_proj in closed form (ridge) on the untrained encoder's features
     for step in range(start, steps):
         for each micro-batch (gradient accumulation):
             queries ─► encoder ─► soft prompt, embedding
@@ -98,7 +99,8 @@ class TrainConfig:
 
     # fields that may differ between a run and its resumption without changing the result
     RESUME_FREE = ("resume", "stop_after", "command", "device", "threads", "val_every", "checkpoint_every", "log_every",
-                   "decode_samples", "decode_tokens", "eval_batch_size", "gen_batch_size", "cache_dir", "out")
+                   "decode_samples", "decode_tokens", "eval_batch_size", "gen_batch_size", "cache_dir", "out",
+                   "queries")  # the data itself is compared by fingerprint, not by path
 
     def check(self) -> None:
         if self.align_loss not in ALIGN_LOSSES:
@@ -495,7 +497,12 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
 
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             now = time.perf_counter()
-            row = {"step": state.step, **{k: _mean(window[k]) for k in ("loss", "recon", "align")},
+            means = {k: _mean(window[k]) for k in ("loss", "recon", "align")}
+            if world_size > 1:  # log the global batch's losses, not rank 0's slice
+                packed = torch.tensor(list(means.values()), device=device)
+                torch.distributed.all_reduce(packed)
+                means = dict(zip(means, (packed / world_size).tolist()))
+            row = {"step": state.step, **means,
                    "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": window["tokens"] * world_size / max(now - window["t0"], 1e-9),
                    "skipped": state.skipped, "elapsed_s": round(state.elapsed, 1)}

@@ -203,7 +203,7 @@ def model_card(summary: dict) -> str:
     machine, params = summary["machine"], summary["parameters"]
     rec = fig.get("reconstruction", {})
     ridge = summary.get("ridge") or {}
-    where = f"GPU ({machine.get('gpu')})" if machine["device"] == "cuda" else f"CPU ({machine['cpu']}, {machine['threads']} threads)"
+    where = f"GPU ({machine.get('gpu')})" if machine["device"] == "cuda" else f"CPU ({machine['cpu']}, {machine['threads']} thread{'s' if machine['threads'] > 1 else ''})"
     lines = [
         f"# rkit adapter: {summary['backbone']} → {summary['teacher']}",
         "",
@@ -232,7 +232,7 @@ def model_card(summary: dict) -> str:
         f"L_align ({cfg['align_loss']}); {cfg['n_thought']} thought + {cfg['n_compress']} compression tokens, "
         f"{cfg['align_head']} alignment head; ridge initialisation of the head: "
         f"{'yes (λ = ' + str(ridge.get('alpha')) + ' × mean feature variance, ' + str(ridge.get('samples')) + ' queries)' if ridge else 'no'}",
-        f"- wall time: {summary['wall_s'] / 60:.1f} min in total ({summary['loop_s'] / 60:.1f} min in the loop); this "
+        f"- wall time: {summary['wall_s'] / 60:.1f} min in total ({summary['loop_s'] / 60:.1f} min in optimisation steps); this "
         f"run's stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("timings_s", {}).items()),
         f"- parameters: {params['trainable']:,} trainable of {params['total']:,} "
         f"({100 * params['trainable_share']:.2f} %; backbone {params['backbone_frozen']:,} frozen, teacher "

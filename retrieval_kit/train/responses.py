@@ -71,6 +71,8 @@ def generate_responses(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
+            if todo and _ends_torn(path):
+                fh.write("\n")  # a killed run's half line must not swallow the first new record
             for idx in length_sorted_batches(todo, batch_size):
                 batch = [todo[i] for i in idx]
                 answers = generate_batch(model, tokenizer, batch, max_new_tokens=config.max_new_tokens,
@@ -85,3 +87,12 @@ def generate_responses(
     except OSError as exc:
         raise TrainError(f"cannot write the response cache {path}: {exc.strerror or exc}") from exc
     return {q: done[q] for q in queries}
+
+
+def _ends_torn(path: Path) -> bool:
+    """True when the file's last byte is not a newline (the previous writer was killed mid-line)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) != b"\n"
