@@ -92,8 +92,8 @@ class GenerativeEncoder(nn.Module):
             torch.manual_seed(config.init_seed)
             self.recon_proj = nn.Linear(hidden, hidden)
             self.align_proj = _align_head(config.align_head, hidden, config.embed_dim)
-        with torch.no_grad():  # identity start: the soft prompt begins as the raw states
-            self.recon_proj.weight.copy_(torch.eye(hidden))
+        with torch.no_grad():  # scaled identity: the soft prompt starts as the states, at input-embedding scale
+            self.recon_proj.weight.copy_(torch.eye(hidden) * _state_to_embedding_scale(backbone, tokenizer))
             self.recon_proj.bias.zero_()
         self.to(backbone.device)
         self.backbone.requires_grad_(False)
@@ -323,6 +323,19 @@ def load_adapter(folder: str | Path, device=None, with_teacher: bool = True) -> 
     if missing or unexpected:
         raise ModelError(f"{weights}: adapter weights missing {missing[:3]} / unexpected {unexpected[:3]}")
     return encoder
+
+
+@torch.no_grad()
+def _state_to_embedding_scale(backbone, tokenizer) -> float:
+    """Ratio of input-embedding norm to final-state norm (~0.065 for SmolLM2-135M).
+
+    Final states come out of the last norm layer far larger than the token embeddings the backbone reads;
+    fed back unscaled as a soft prompt they start L_recon worse than uniform guessing.
+    """
+    vocab = backbone.get_input_embeddings().weight
+    ids = tokenizer("The answer is", return_tensors="pt", add_special_tokens=False)["input_ids"].to(vocab.device)
+    states = backbone.get_decoder()(input_ids=ids).last_hidden_state.float()
+    return float(vocab.float().norm(dim=-1).mean() / states.norm(dim=-1).mean().clamp(min=1e-6))
 
 
 def _cache_kwarg(decoder) -> str:
