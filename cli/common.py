@@ -45,3 +45,19 @@ def print_json(obj: Any) -> None:
     """Machine-readable output on stdout, nothing else mixed in."""
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """Silence library warnings and progress bars: our own bars and one-line errors are the interface."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

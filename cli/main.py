@@ -12,25 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 
-from .common import console, guarded, print_json  # noqa: E402
+from .common import console, guarded, print_json, quiet_libraries  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rkit: retrieval with generative query embeddings.")
-
-
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 @app.command("index")
@@ -61,7 +46,7 @@ def index_cmd(
     from retrieval_kit.paths import index_home
     from retrieval_kit.search import adapter_path
 
-    _quiet_libraries()
+    quiet_libraries()
     if not corpus.exists():
         raise InputError(f"corpus path does not exist: {corpus}")
     if query_mode not in ("auto", "generative", "teacher", "fused"):
@@ -107,7 +92,7 @@ def search_cmd(
     """Search an index."""
     from retrieval_kit.search import Retriever
 
-    _quiet_libraries()
+    quiet_libraries()
     with Retriever.open(index, adapter=adapter, device=device) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens)

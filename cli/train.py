@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, guarded, print_json
+from .common import console, guarded, print_json, quiet_libraries
 
 DEFAULT_POOL = Path("train_queries") / "mixed.jsonl"  # inside $RKIT_DATA
 
@@ -18,21 +18,6 @@ DEFAULT_POOL = Path("train_queries") / "mixed.jsonl"  # inside $RKIT_DATA
 def _command_line() -> str:
     prog = Path(sys.argv[0]).name
     return shlex.join(["rkit" if prog in ("rkit", "__main__.py") else prog, *sys.argv[1:]])
-
-
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def _queries_path(queries: Optional[Path]) -> Path:
@@ -89,7 +74,7 @@ def train(
     from retrieval_kit.train import TrainConfig
     from retrieval_kit.train import train as run_training
 
-    _quiet_libraries()
+    quiet_libraries()
     if adapter is not None and any(v is not None for v in (n_thought, n_compress, align_head, system_prompt)):
         raise TrainError("--adapter fixes the model shape: drop --n-thought/--n-compress/--align-head/--system-prompt")
     config = TrainConfig(

@@ -11,8 +11,6 @@ The results dict is the single source every output (JSON, markdown, plot, CLI ta
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import BenchError
+from ..machine import machine_info
 from .datasets import BenchDataset, load_published_bright
 from .methods import MethodConfig, MethodRunner, encoder_info
 from .metrics import ADV_KS, BEIR_METRICS, harm_metrics, harm_per_query, per_query, ranked
@@ -47,30 +46,6 @@ class LazyEncoder:
             note("loading the encoder")
             self.value = self.loader()
         return self.value
-
-
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(), "gpu": None}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> str | None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..machine import machine_info as base_machine_info
 
 # ---- training_log.jsonl ------------------------------------------------------------------------------
 
@@ -161,22 +162,7 @@ def validation_figures(encoder, queries: list[str], responses: list[str], respon
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": device.type, "cpu": _cpu_model(), "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpus"] = torch.cuda.device_count()
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return {**base_machine_info(), "device": device.type}
 
 
 def parameter_counts(encoder) -> dict:
