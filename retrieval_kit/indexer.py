@@ -137,13 +137,14 @@ def _embed_and_write(index: Index, encoder: GenerativeEncoder, changed: list[Doc
         if c.doc_id in wanted:
             by_doc.setdefault(c.doc_id, []).append(c)
     total = sum(len(v) for v in by_doc.values())
-    done = 0
+    done = pending_chunks = 0
     pending: list[Document] = []
     for doc in changed:
         pending.append(doc)
-        if sum(len(by_doc.get(d.doc_id, [])) for d in pending) >= EMBED_BATCH_CHUNKS:
+        pending_chunks += len(by_doc.get(doc.doc_id, []))
+        if pending_chunks >= EMBED_BATCH_CHUNKS:
             done += _flush(index, encoder, pending, by_doc, doc_mode)
-            pending = []
+            pending, pending_chunks = [], 0
             if progress:
                 progress(done, total)
     done += _flush(index, encoder, pending, by_doc, doc_mode)

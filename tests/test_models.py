@@ -102,3 +102,17 @@ def test_adapter_for_other_backbone_is_refused():
     with pytest.raises(ModelError, match="trained for backbone"):
         load_encoder(adapter="default" and None or __import__("retrieval_kit.paths").paths.DEFAULT_ADAPTER,
                      backbone="Qwen/Qwen3-0.6B")
+
+
+def test_generate_keeps_system_prompt_for_every_batch(encoder, monkeypatch):
+    import retrieval_kit.models.encoder as enc_mod
+
+    seen = []
+
+    def fake(model, tok, batch, system_prompt=None, **kw):
+        seen.append(system_prompt)
+        return ["x"] * len(batch)
+
+    monkeypatch.setattr(enc_mod, "generate_batch", fake)
+    encoder.generate(["a", "bb", "ccc"], batch_size=1, system_prompt="Be brief.")
+    assert seen == ["Be brief."] * 3

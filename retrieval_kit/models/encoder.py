@@ -262,9 +262,11 @@ class GenerativeEncoder(nn.Module):
     def generate(self, texts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
                  show_progress: bool = False, **kwargs) -> list[str]:
         """The backbone's actual answers (chat template, greedy by default): HyDE and training responses."""
+        system_prompt = kwargs.pop("system_prompt", self.config.system_prompt)  # once: every batch gets the same prompt
+
         def run(batch):
             return generate_batch(self.backbone, self.tokenizer, batch, max_new_tokens=max_new_tokens,
-                                  system_prompt=kwargs.pop("system_prompt", self.config.system_prompt), **kwargs)
+                                  system_prompt=system_prompt, **kwargs)
 
         return self._map_batches(texts, batch_size, run, "generating", show_progress)
 
