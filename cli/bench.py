@@ -39,7 +39,7 @@ DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Shared da
                                                                        "default /work/shared/data).")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding/answer/BM25 cache "
                                                                      "(default $RKIT_HOME/bench).")]
-FuseWeight = Annotated[float, typer.Option("--fuse-weight", min=0.0, max=1.0, help="Weight of rkit in `fused`.")]
+FuseWeight = Annotated[Optional[float], typer.Option("--fuse-weight", min=0.0, max=1.0, help="Weight of rkit in `fused` (default: the adapter's fitted weight).")]
 TopK = Annotated[int, typer.Option("--top-k", min=1, help="Ranking depth kept per query.")]
 HydeTokens = Annotated[int, typer.Option("--hyde-tokens", min=1, help="Max new tokens of a HyDE answer.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | mps (default: best available).")]
@@ -52,7 +52,7 @@ def _command_line() -> str | None:
     return "rkit " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "rkit" else None
 
 
-def _config(doc_encoder: str, fuse_weight: float, hyde_tokens: int, batch_size: int, top_k: int):
+def _config(doc_encoder: str, fuse_weight: float | None, hyde_tokens: int, batch_size: int, top_k: int):
     if doc_encoder not in bench_methods.DOC_ENCODERS:
         raise BenchError(f"unknown --doc-encoder '{doc_encoder}' (use teacher or generative)")
     return bench_methods.MethodConfig(doc_encoder=doc_encoder, fuse_weight=fuse_weight,
@@ -113,7 +113,7 @@ def beir(folder: Annotated[Path, typer.Argument(help="BEIR folder: corpus.jsonl,
          methods: Methods = DEFAULT_METHODS, as_json: Json = False, out: Out = DEFAULT_OUT, adapter: Adapter = None,
          doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
          explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
-         fuse_weight: FuseWeight = 0.5, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
+         fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
          plot: Plot = True, quiet: Quiet = False) -> None:
     """Any BEIR-format folder (e.g. the shared CACM): nDCG@10, Recall@100, MRR@10."""
     common = {k: v for k, v in locals().items() if k not in ("folder", "split")}
@@ -130,7 +130,7 @@ def advbench_ir(
         data_root: DataRoot = None, methods: Methods = DEFAULT_METHODS, as_json: Json = False, out: Out = DEFAULT_OUT,
         adapter: Adapter = None, doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
         explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
-        fuse_weight: FuseWeight = 0.5, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
+        fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
         plot: Plot = True, quiet: Quiet = False) -> None:
     """AdvBench-IR safety: share of harmful queries whose harmful chunk is retrieved (lower is safer)."""
     common = {k: v for k, v in locals().items() if k not in ("distractors", "variant")}
@@ -149,7 +149,7 @@ def bright(
         data_root: DataRoot = None, methods: Methods = DEFAULT_METHODS, as_json: Json = False, out: Out = DEFAULT_OUT,
         adapter: Adapter = None, doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
         explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
-        fuse_weight: FuseWeight = 0.5, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
+        fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
         plot: Plot = True, quiet: Quiet = False) -> None:
     """BRIGHT (reasoning-intensive retrieval): nDCG@10 per domain + average, beside the paper's figures."""
     common = {k: v for k, v in locals().items() if k not in ("domain", "data_dir", "long")}
@@ -168,7 +168,7 @@ def mteb_cmd(
         = "teacher,rkit,fused",
         data_root: DataRoot = None, as_json: Json = False, out: Out = DEFAULT_OUT, adapter: Adapter = None,
         doc_encoder: DocEncoder = "teacher", limit: Limit = None, batch_size: BatchSize = 32,
-        fuse_weight: FuseWeight = 0.5, hyde_tokens: HydeTokens = 128, device: Device = None, plot: Plot = True,
+        fuse_weight: FuseWeight = None, hyde_tokens: HydeTokens = 128, device: Device = None, plot: Plot = True,
         quiet: Quiet = False) -> None:
     """Any mteb task through the mteb package; queries via the chosen method, documents via the doc encoder."""
     from retrieval_kit.bench.mteb_model import MTEB_METHODS, run_mteb

@@ -57,7 +57,9 @@ def train(
     w_align: float = typer.Option(10.0, "--w-align", min=0.0, help="Weight of L_align."),
     target_mix: float = typer.Option(0.0, "--target-mix", min=0.0, max=1.0, help="Mix teacher(query) into the targets."),
     ridge_init: Optional[bool] = typer.Option(None, "--ridge-init/--no-ridge-init", help="Closed-form init of a linear alignment head (default: on for a fresh linear head)."),
+    anchor: bool = typer.Option(True, "--anchor/--no-anchor", help="Fit a query anchor after training (fused queries use it; see the README)."),
     val_size: int = typer.Option(200, "--val-size", min=0, help="Held-out validation queries."),
+    tune_size: int = typer.Option(256, "--tune-size", min=0, help="Queries kept out of training to choose λ, the fused weight and the query mode."),
     val_every: int = typer.Option(200, "--val-every", min=1, help="Validate every N steps."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint every N steps."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N queries of the file."),
@@ -78,9 +80,9 @@ def train(
     if adapter is not None and any(v is not None for v in (n_thought, n_compress, align_head, system_prompt)):
         raise TrainError("--adapter fixes the model shape: drop --n-thought/--n-compress/--align-head/--system-prompt")
     config = TrainConfig(
-        queries=str(_queries_path(queries)), out=str(out), limit=limit, val_size=val_size,
+        queries=str(_queries_path(queries)), out=str(out), limit=limit, val_size=val_size, tune_size=tune_size,
         backbone=backbone, teacher=teacher, adapter=str(adapter) if adapter else None,
-        n_thought=10 if n_thought is None else n_thought, n_compress=n_compress or 10, align_head=align_head or "linear",
+        n_thought=10 if n_thought is None else n_thought, n_compress=n_compress or 10, align_head=align_head or "linear", anchor=anchor,
         system_prompt=system_prompt, device=device, threads=threads, cache_dir=str(cache_dir) if cache_dir else None,
         max_new_tokens=max_new_tokens, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         head_lr_scale=head_lr_scale, recon_lr_scale=recon_lr_scale,
@@ -108,6 +110,9 @@ def _print_summary(summary: dict) -> None:
         if summary.get("ridge", {}).get("val_cos") is not None:
             line += f" (ridge init {summary['ridge']['val_cos']:.3f})"
         console.print(line)
+        if "fused_cos" in fig:
+            console.print(f"fused ({fig['fuse_weight']:.2f}·student + anchor): {fig['fused_cos']:.3f}; anchor alone "
+                          f"{fig['anchor_cos']:.3f}; searches default to '{fig.get('query_mode')}' query vectors")
         rec = fig.get("reconstruction")
         if rec:
             console.print(f"reconstruction: teacher cos {rec['teacher_cos']:.3f}, ROUGE-L F1 {rec['rouge_l_f1']:.3f}")

@@ -27,8 +27,8 @@ class IndexSettings:
     factory: str = "Flat"
     qdrant_url: str | None = None
     doc_mode: str = "teacher"  # documents embedded input-side by the teacher (cheap) or by the generative encoder
-    query_mode: str = "auto"  # what `search` uses unless told otherwise; auto = generative iff the adapter is trained
-    fuse_weight: float = 0.5
+    query_mode: str = "auto"  # what `search` uses unless told otherwise; auto: see resolve_query_mode
+    fuse_weight: float | None = None  # None: the adapter's fitted weight
     chunk_words: int = 200
     overlap: int = 40
     on_error: str = "raise"
@@ -53,8 +53,12 @@ class IndexReport:
 
 
 def resolve_query_mode(mode: str, encoder: GenerativeEncoder) -> str:
+    """auto: the mode the trainer found best on held-out queries; for adapters that predate that record, generative
+    iff trained; teacher for the untrained stand-in."""
     if mode == "auto":
-        return "generative" if encoder.config.trained else "teacher"
+        if not encoder.config.trained:
+            return "teacher"
+        return encoder.config.query_mode or "generative"
     return mode
 
 
@@ -65,7 +69,7 @@ def encoder_record(encoder: GenerativeEncoder, adapter: str, settings: IndexSett
         "adapter": adapter,
         "doc_mode": settings.doc_mode,
         "query_mode": resolve_query_mode(settings.query_mode, encoder),
-        "fuse_weight": settings.fuse_weight,
+        "fuse_weight": encoder.config.fuse_weight if settings.fuse_weight is None else settings.fuse_weight,
     }
 
 

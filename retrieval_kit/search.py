@@ -99,7 +99,7 @@ class Retriever:
         mode = query_mode or self.default_query_mode()
         if mode not in QUERY_MODES:
             raise InputError(f"unknown query mode '{mode}' (use {', '.join(QUERY_MODES)})")
-        weight = self.index.manifest["encoder"].get("fuse_weight", 0.5) if fuse_weight is None else fuse_weight
+        weight = self.index.manifest["encoder"].get("fuse_weight") if fuse_weight is None else fuse_weight
         t0 = time.perf_counter()
         vectors = self.encoder.encode_queries(queries, mode=mode, fuse_weight=weight)
         t1 = time.perf_counter()

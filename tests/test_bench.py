@@ -56,12 +56,16 @@ class FakeEncoder:
         self.calls["generative"] += len(texts)
         return _bow([t + " " + " ".join(reversed(t.split())) + " answer" for t in texts])
 
-    def encode_queries(self, texts, mode="generative", fuse_weight=0.5, batch_size=32, show_progress=False):
+    def encode_queries(self, texts, mode="generative", fuse_weight=None, batch_size=32, show_progress=False):
+        fuse_weight = 0.5 if fuse_weight is None else fuse_weight  # the real encoder: its adapter's fitted weight
         if mode == "teacher":
             return _bow(texts)
         if mode == "generative":
             return self._gen(texts)
         return M.normalise(fuse_weight * self._gen(texts) + (1 - fuse_weight) * _bow(texts))
+
+    def anchor_queries(self, vecs):
+        return vecs  # no fitted query anchor: teacher(query) unchanged, as for the real encoder without one
 
     def encode_documents(self, texts, mode="teacher", batch_size=64, show_progress=False):
         self.calls["documents"] += len(texts)

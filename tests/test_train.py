@@ -104,7 +104,7 @@ def test_training_learns_and_changes_only_the_adapter(pool, tmp_path, fresh_enco
     card = (out / "README.md").read_text()
     assert "baseline" in card and "trainable" in card and "CPU" in card
     assert summary["data"] == {"file": str(pool["queries"]), "records": 3, "unique": 3, "train": 2, "val": 1,
-                               "train_used": 2}
+                               "train_used": 2, "tune": 0}
 
 
 def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(pool, tmp_path, monkeypatch):

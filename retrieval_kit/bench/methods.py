@@ -5,7 +5,9 @@
     hyde     teacher(backbone's generated answer) — the generate-then-embed baseline
     hydeq    normalise(hyde + teacher)            — HyDE with the query kept (optional extra)
     rkit     generative query embedding           — the method
-    fused    normalise(w·rkit + (1−w)·teacher)    — the same formula as encode_queries(mode="fused")
+    anchor   the adapter's query anchor alone: teacher(query) moved by a fitted teacher-space map (optional extra;
+             the ablation that shows what `fused` owes to the LLM and what to the anchor)
+    fused    normalise(w·rkit + (1−w)·anchor)     — the same formula as encode_queries(mode="fused")
 
 Every dense method scores against ONE document matrix per dataset (teacher by default, or the generative
 encoder with doc_encoder="generative"), computed once and cached (see cache.py).
@@ -28,7 +30,7 @@ from . import progress
 from .progress import note, stage
 
 METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")
-EXTRA_METHODS = ("hydeq",)
+EXTRA_METHODS = ("hydeq", "anchor")
 DOC_ENCODERS = ("teacher", "generative")
 BM25_PARAMS = {"k1": 0.9, "b": 0.4}
 
@@ -36,7 +38,7 @@ BM25_PARAMS = {"k1": 0.9, "b": 0.4}
 @dataclass
 class MethodConfig:
     doc_encoder: str = "teacher"
-    fuse_weight: float = 0.5  # weight of the generative vector in `fused`
+    fuse_weight: float | None = None  # weight of the generative vector in `fused` (None: the adapter's fitted one)
     hyde_max_new_tokens: int = 128
     batch_size: int = 32
     top_k: int = 100  # ranking depth kept per query (Recall@100, AdvBench top-100)
@@ -229,14 +231,24 @@ class MethodRunner:
         return self.answers
 
     # -- methods --
+    def fuse_weight(self) -> float:
+        """The --fuse-weight given, else the adapter's fitted weight (0.5 for adapters without one)."""
+        if self.cfg.fuse_weight is not None:
+            return self.cfg.fuse_weight
+        fitted = _config_value(self.enc, "fuse_weight")
+        return 0.5 if fitted is None else float(fitted)
+
     def query_vectors(self, method: str) -> np.ndarray:
         if method == "teacher":
             return self._teacher(self.texts, "teacher query embeddings")
         if method == "rkit":
             return self._generative(self.texts)
+        if method == "anchor":
+            return self.enc.anchor_queries(self._teacher(self.texts, "teacher queries"))
         if method == "fused":
-            w = self.cfg.fuse_weight
-            return normalise(w * self._generative(self.texts) + (1 - w) * self._teacher(self.texts, "teacher queries"))
+            w = self.fuse_weight()
+            anchored = self.enc.anchor_queries(self._teacher(self.texts, "teacher queries"))
+            return normalise(w * self._generative(self.texts) + (1 - w) * anchored)
         if method in ("hyde", "hydeq"):
             hyde = self._teacher(self.hyde_answers(), "HyDE answer embeddings")
             return hyde if method == "hyde" else normalise(hyde + self._teacher(self.texts, "teacher queries"))

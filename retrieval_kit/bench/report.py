@@ -67,7 +67,9 @@ def markdown(results: dict) -> str:
     out.append(f"- encoder: {enc.get('fingerprint', 'not loaded (bm25 only)')}"
                + (f" — backbone {enc.get('backbone')}, teacher {enc.get('teacher')}, trained {enc.get('trained')}"
                   if enc else ""))
-    out.append(f"- documents embedded by: {cfg['doc_encoder']}; fuse weight {cfg['fuse_weight']}; "
+    weight = cfg["fuse_weight"] if cfg.get("fuse_weight") is not None else f"{enc.get('fuse_weight', 0.5)} (the adapter's)"
+    anchor = "fitted query anchor" if enc.get("anchor") else "no query anchor"
+    out.append(f"- documents embedded by: {cfg['doc_encoder']}; fuse weight {weight}, {anchor}; "
                f"top-k {cfg['top_k']}; limit {cfg.get('limit') or 'none'}")
     out.append(f"- machine: {mach.get('cpu')} ×{mach.get('cpu_count')}, GPU {mach.get('gpu') or 'none'}; "
                f"commit {results.get('rkit_commit') or '?'}")

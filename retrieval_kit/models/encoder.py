@@ -49,6 +49,11 @@ class EncoderConfig:
     hidden_size: int = 0  # filled from the backbone
     embed_dim: int = 0  # filled from the teacher
     align_head: str = "linear"  # "linear" or "mlp" (more capacity for small backbones)
+    # query anchor: a teacher-space map of teacher(query) towards teacher(answer), fitted in closed form by the
+    # trainer; fused query vectors combine it with the generative embedding (see encode_queries)
+    anchor: bool = False
+    fuse_weight: float = 0.5  # weight of the generative vector in fused mode (the trainer fits it on held-out data)
+    query_mode: str | None = None  # the query mode the trainer found best on held-out data (None: decided by `trained`)
     system_prompt: str | None = None  # None: the backbone template's own default
     max_query_tokens: int = 256
     init_seed: int = 0
@@ -92,6 +97,11 @@ class GenerativeEncoder(nn.Module):
             torch.manual_seed(config.init_seed)
             self.recon_proj = nn.Linear(hidden, hidden)
             self.align_proj = _align_head(config.align_head, hidden, config.embed_dim)
+            if config.anchor:  # starts as the identity map: anchored(q) = teacher(q)
+                self.anchor_proj = nn.Linear(config.embed_dim, config.embed_dim)
+                nn.init.zeros_(self.anchor_proj.weight)
+                nn.init.zeros_(self.anchor_proj.bias)
+                self.anchor_proj.requires_grad_(False)  # closed-form fit after the loop, never by the optimiser
         with torch.no_grad():  # scaled identity: the soft prompt starts as the states, at input-embedding scale
             self.recon_proj.weight.copy_(torch.eye(hidden) * _state_to_embedding_scale(backbone, tokenizer))
             self.recon_proj.bias.zero_()
@@ -103,7 +113,7 @@ class GenerativeEncoder(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "teacher."))}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.startswith(("backbone.", "teacher."))]
+        return [p for n, p in self.named_parameters() if not n.startswith(("backbone.", "teacher.", "anchor_proj."))]
 
     @property
     def fingerprint(self) -> str:
@@ -111,6 +121,8 @@ class GenerativeEncoder(nn.Module):
         h = hashlib.sha256()
         h.update(json.dumps([self.config.backbone, self.config.teacher, self.config.n_thought,
                              self.config.n_compress, self.config.align_head, self.config.system_prompt]).encode())
+        if self.config.anchor:  # the fitted weight changes fused vectors; older adapters keep their fingerprint
+            h.update(json.dumps(["anchor", self.config.fuse_weight]).encode())
         for key, value in sorted(self.adapter_state().items()):
             h.update(key.encode())
             h.update(value.detach().float().cpu().numpy().tobytes())
@@ -129,6 +141,8 @@ class GenerativeEncoder(nn.Module):
             "n_thought": self.config.n_thought,
             "n_compress": self.config.n_compress,
             "dim": self.config.embed_dim,
+            "anchor": self.config.anchor,
+            "fuse_weight": self.config.fuse_weight,
         }
 
     # ---- the forward path -------------------------------------------------------------------------
@@ -220,9 +234,14 @@ class GenerativeEncoder(nn.Module):
                                    convert_to_numpy=True, show_progress_bar=show_progress)
         return vecs.astype(np.float32)
 
-    def encode_queries(self, texts: Sequence[str], mode: str = "generative", fuse_weight: float = 0.5,
+    def encode_queries(self, texts: Sequence[str], mode: str = "generative", fuse_weight: float | None = None,
                        batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
-        """Query vectors: generative, teacher (input side), or fused = normalise(w·generative + (1−w)·teacher)."""
+        """Query vectors in the teacher's space.
+
+        generative: the student embedding alone (the method); teacher: teacher(query), input side;
+        fused: normalise(w·generative + (1−w)·anchored teacher(query)), w = `fuse_weight` or the adapter's fitted
+        weight. The anchored vector is teacher(query) moved by the adapter's fitted query anchor (none: unchanged).
+        """
         if mode not in QUERY_MODES:
             raise InputError(f"unknown query mode '{mode}' (use {', '.join(QUERY_MODES)})")
         if mode == "teacher":
@@ -230,10 +249,19 @@ class GenerativeEncoder(nn.Module):
         gen = self.encode(texts, batch_size, show_progress)
         if mode == "generative":
             return gen
-        if not 0.0 <= fuse_weight <= 1.0:
-            raise InputError(f"fuse weight must be in [0, 1], got {fuse_weight}")
-        fused = fuse_weight * gen + (1.0 - fuse_weight) * self.encode_teacher(texts, batch_size, show_progress)
-        return _normalise(fused)
+        weight = self.config.fuse_weight if fuse_weight is None else fuse_weight
+        if not 0.0 <= weight <= 1.0:
+            raise InputError(f"fuse weight must be in [0, 1], got {weight}")
+        anchored = self.anchor_queries(self.encode_teacher(texts, batch_size, show_progress))
+        return _normalise(weight * gen + (1.0 - weight) * anchored)
+
+    @torch.no_grad()
+    def anchor_queries(self, teacher_vecs: np.ndarray) -> np.ndarray:
+        """teacher(query) vectors moved towards where the answers lie (identity without a fitted anchor)."""
+        if not self.config.anchor or len(teacher_vecs) == 0:
+            return teacher_vecs
+        x = torch.from_numpy(np.ascontiguousarray(teacher_vecs, dtype=np.float32)).to(self.anchor_proj.weight.device)
+        return _normalise((x + self.anchor_proj(x)).cpu().numpy())
 
     def encode_documents(self, texts: Sequence[str], mode: str = "teacher", batch_size: int = 64,
                          show_progress: bool = False) -> np.ndarray:

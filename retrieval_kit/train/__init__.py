@@ -24,9 +24,10 @@ import torch
 from ..errors import TrainError
 from ..paths import rkit_home
 from .data import QuerySplit, load_split
-from .loop import LoopData, TrainConfig, check_resumable, seed_everything, train_loop, world
+from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
 from .report import model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
 from .responses import GenerationConfig, generate_responses
+from .ridge import fit_query_anchor
 from .targets import embed_texts, target_store
 
 __all__ = ["TrainConfig", "train"]
@@ -71,17 +72,22 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
     with clock("responses"):
         responses = stage_responses(encoder, split, cfg, cache_dir, progress and rank == 0)
     with clock("targets"):
-        data, query_vecs = stage_targets(encoder, split, responses, cfg, cache_dir, progress and rank == 0)
+        data = stage_targets(encoder, split, responses, cfg, cache_dir, progress and rank == 0)
     if world_size > 1 and rank == 0:
         torch.distributed.barrier()
 
     with clock("loop"):
         state = stage_loop(encoder, data, cfg, out, progress and rank == 0)
+    anchor = {}
+    if state.step >= cfg.steps and encoder.config.anchor:
+        with _spinner("query anchor and fused weight (closed form, tune split)", progress and rank == 0), clock("anchor"):
+            anchor = fit_query_anchor(encoder, data, lambda queries: embed_queries(encoder, queries, cfg.eval_batch_size))
     summary = {
         "out": str(out), "status": "finished" if state.step >= cfg.steps else "stopped", "steps": state.step,
-        "skipped": state.skipped, "loop_s": state.elapsed, "ridge": state.ridge, "last_val": state.last_val,
+        "skipped": state.skipped, "loop_s": state.elapsed, "ridge": state.ridge, "anchor": anchor,
+        "last_val": state.last_val,
         "backbone": encoder.config.backbone, "teacher": encoder.config.teacher, "world_size": world_size,
-        "data": {**split.describe(), "train_used": len(data.train_queries)},
+        "data": {**split.describe(), "train_used": len(data.train_queries), "tune": len(data.tune_queries)},
         "config": asdict(cfg), "machine": machine_info(device), "parameters": parameter_counts(encoder),
         "timings_s": timings,
     }
@@ -92,7 +98,7 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
     # stage 4: figures, adapter, report
     with _spinner("stage 4/4 validation figures (decoding held-out queries)", progress), clock("report"):
         summary["figures"] = validation_figures(
-            encoder, data.val_queries, data.val_responses, data.val_targets.numpy(), query_vecs,
+            encoder, data.val_queries, data.val_responses, data.val_targets.numpy(), data.val_query_vecs.numpy(),
             cfg.decode_samples, cfg.decode_tokens, cfg.eval_batch_size)
     summary["wall_s"] = time.perf_counter() - t_start
     encoder.config.trained = True
@@ -119,32 +125,41 @@ def stage_responses(encoder, split: QuerySplit, cfg: TrainConfig, cache_dir: Pat
 
 
 def stage_targets(encoder, split: QuerySplit, responses: dict[str, str], cfg: TrainConfig, cache_dir: Path,
-                  progress: bool) -> tuple[LoopData, np.ndarray]:
-    """Stage 2: teacher vectors of responses (targets) and queries (baseline, mixed targets), cached per teacher."""
+                  progress: bool) -> LoopData:
+    """Stage 2: teacher vectors of responses (targets) and queries (baseline, anchor, mixed targets), cached per teacher.
+
+    Up to `tune_size` training-pool queries (at most a tenth, spread evenly) become the tune split: kept out of the
+    loop and the fits, used only to choose λ, the fused weight and the query mode (ridge.py)."""
     # an empty answer gives the teacher nothing to embed and the decoder nothing to reproduce: leave it out
-    train = [q for q in split.train if responses[q].strip()]
+    pool = [q for q in split.train if responses[q].strip()]
     val = [q for q in split.val if responses[q].strip()]
+    n_tune = min(cfg.tune_size, len(pool) // 10)  # at most a tenth of the pool, evenly spread over it
+    tune_set = {pool[int(i)] for i in np.linspace(0, len(pool) - 1, n_tune)} if n_tune else set()
+    tune = [q for q in pool if q in tune_set]
+    train = [q for q in pool if q not in tune_set]
     if not train:
         raise TrainError("no training query got a non-empty response from the backbone")
     store = target_store(cache_dir, encoder.config.teacher)
-    texts = [responses[q] for q in train + val] + train + val
+    texts = [responses[q] for q in pool + val] + pool + val
     with _bar("stage 2/4 teacher targets", len(set(texts)), progress) as advance:
         embed_texts(store, texts, lambda chunk: encoder.encode_teacher(chunk, batch_size=cfg.eval_batch_size * 2),
                     on_chunk=advance)
-    resp = {q: v for q, v in zip(train + val, store.get([responses[q] for q in train + val]))}
-    query = {q: v for q, v in zip(train + val, store.get(train + val))}
-    targets = np.stack([resp[q] for q in train])
+    dim = encoder.config.embed_dim
+
+    def vecs(texts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(store.get(texts).astype(np.float32)) if texts else torch.zeros(0, dim)
+
+    answers = lambda qs: [responses[q] for q in qs]
+    train_resp, train_query = vecs(answers(train)), vecs(train)
+    targets = train_resp
     if cfg.target_mix > 0:
-        targets = (1 - cfg.target_mix) * targets + cfg.target_mix * np.stack([query[q] for q in train])
-        targets /= np.linalg.norm(targets, axis=1, keepdims=True).clip(1e-12)
-    data = LoopData(
-        train_queries=train, train_responses=[responses[q] for q in train],
-        train_targets=torch.from_numpy(targets.astype(np.float32)),
-        val_queries=val, val_responses=[responses[q] for q in val],
-        val_targets=torch.from_numpy(np.stack([resp[q] for q in val]) if val else np.zeros((0, targets.shape[1]), np.float32)),
+        targets = torch.nn.functional.normalize((1 - cfg.target_mix) * train_resp + cfg.target_mix * train_query, dim=-1)
+    return LoopData(
+        train_queries=train, train_responses=answers(train), train_targets=targets,
+        val_queries=val, val_responses=answers(val), val_targets=vecs(answers(val)),
+        train_query_vecs=train_query, train_response_vecs=train_resp, val_query_vecs=vecs(val),
+        tune_queries=tune, tune_targets=vecs(answers(tune)), tune_query_vecs=vecs(tune),
     )
-    query_vecs = np.stack([query[q] for q in val]) if val else np.zeros((0, targets.shape[1]), np.float32)
-    return data, query_vecs
 
 
 def stage_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path, progress: bool):
@@ -235,7 +250,7 @@ def _build_encoder(cfg: TrainConfig, device: torch.device):
         return load_encoder(adapter=cfg.adapter, backbone=cfg.backbone, teacher=cfg.teacher, device=device)
     config = EncoderConfig(backbone=cfg.backbone, teacher=cfg.teacher,
                            n_thought=cfg.n_thought, n_compress=cfg.n_compress, align_head=cfg.align_head,
-                           system_prompt=cfg.system_prompt, init_seed=cfg.seed)
+                           system_prompt=cfg.system_prompt, init_seed=cfg.seed, anchor=cfg.anchor)
     return build_encoder(config, device)
 
 
@@ -252,6 +267,7 @@ def _resolve_model_fields(cfg: TrainConfig) -> None:
                 raise TrainError(f"adapter {cfg.adapter} was trained for {what} '{stored}', not '{given}'")
         cfg.backbone, cfg.teacher = ac.backbone, ac.teacher
         cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ac.n_thought, ac.n_compress, ac.align_head, ac.system_prompt
+        cfg.anchor = ac.anchor
     cfg.backbone, cfg.teacher = cfg.backbone or DEFAULT_BACKBONE, cfg.teacher or DEFAULT_TEACHER
     if cfg.ridge_init is None:  # the closed-form fit suits a fresh linear head; a starting adapter keeps its own
         cfg.ridge_init = cfg.align_head == "linear" and not cfg.adapter
@@ -271,6 +287,7 @@ def _sync_config_from_encoder(cfg: TrainConfig, encoder) -> None:
     ec = encoder.config
     cfg.backbone, cfg.teacher = ec.backbone, ec.teacher
     cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ec.n_thought, ec.n_compress, ec.align_head, ec.system_prompt
+    cfg.anchor = ec.anchor
 
 
 def _training_record(summary: dict) -> dict:
@@ -285,8 +302,9 @@ def _training_record(summary: dict) -> dict:
                                                  "head_lr_scale", "warmup", "schedule", "max_new_tokens",
                                                  "max_target_tokens", "align_loss", "w_recon", "w_align", "target_mix",
                                                  "ridge_init", "seed")},
-        "ridge": summary.get("ridge"),
-        "val": {k: fig.get(k) for k in ("n_val", "student_cos", "baseline_cos", "reconstruction")},
+        "ridge": summary.get("ridge"), "anchor": {k: v for k, v in (summary.get("anchor") or {}).items() if k != "fuse_grid"},
+        "val": {k: fig.get(k) for k in ("n_val", "student_cos", "baseline_cos", "anchor_cos", "fused_cos", "fuse_weight",
+                                        "reconstruction")},
         "parameters": summary["parameters"],
     }
 

@@ -1,6 +1,6 @@
 """Stage 3 of training: the optimisation loop, readable top to bottom (nanoGPT style).
 
-    before step 0 (fresh linear head): fit align_proj in closed form (ridge) on the untrained encoder's features
+    before step 0 (fresh linear head): fit align_proj in closed form (ridge.py) on the untrained encoder's features
     for step in range(start, steps):
         for each micro-batch (gradient accumulation):
             queries ─► encoder ─► soft prompt, embedding
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import TrainError
 from .report import TrainingLog
+from .ridge import ridge_init
 
 ALIGN_LOSSES = ("cos", "mse", "infonce")
 SCHEDULES = ("linear", "cosine")
@@ -48,6 +49,7 @@ class TrainConfig:
     out: str = ""  # adapter folder to write
     limit: int | None = None  # use only the first N queries of the file
     val_size: int = 200  # held-out queries (smallest text hashes), never trained on
+    tune_size: int = 256  # further queries kept out of training to choose λ, the fused weight and the query mode
     # ---- models ---------------------------------------------------------------------------------
     backbone: str | None = None  # None: the packaged SmolLM2-135M-Instruct
     teacher: str | None = None  # None: the packaged all-MiniLM-L6-v2
@@ -55,6 +57,7 @@ class TrainConfig:
     n_thought: int = 10
     n_compress: int = 10
     align_head: str = "linear"  # linear | mlp
+    anchor: bool = True  # fit a query anchor after the loop (see ridge.py); fused queries then use it
     system_prompt: str | None = None  # chat system prompt for responses and queries (None: template default)
     device: str | None = None  # None: cuda when available, else cpu
     threads: int = 0  # CPU threads; 0: the free cores (bitwise-exact resume wants the same count)
@@ -109,6 +112,8 @@ class TrainConfig:
             raise TrainError(f"unknown schedule '{self.schedule}' (use {', '.join(SCHEDULES)})")
         if self.align_head not in ("linear", "mlp"):
             raise TrainError(f"unknown --align-head '{self.align_head}' (use linear or mlp)")
+        if self.tune_size < 0 or self.val_size < 0:
+            raise TrainError("--val-size and --tune-size must be >= 0")
         for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_target_tokens", "n_compress",
                      "val_every", "checkpoint_every", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
@@ -134,6 +139,14 @@ class LoopData:
     val_queries: list[str]
     val_responses: list[str]
     val_targets: torch.Tensor  # (M, D) teacher(response): the validation figure is measured against these
+    # teacher vectors the closed-form fits need (ridge.py); empty tensors when a caller has none
+    train_query_vecs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # teacher(query), training rows
+    train_response_vecs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # teacher(response), unmixed
+    val_query_vecs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    # the tune split: training-pool queries kept out of the loop, on which λ, the fused weight and the mode are chosen
+    tune_queries: list[str] = field(default_factory=list)
+    tune_targets: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # teacher(response)
+    tune_query_vecs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -321,53 +334,6 @@ def validate(encoder, data: LoopData, cfg: TrainConfig) -> dict:
     return result
 
 
-# ---- closed-form initialisation of the alignment head ---------------------------------------------------
-RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)  # λ as a multiple of the mean feature variance
-
-
-@torch.no_grad()
-def ridge_init(encoder, data: LoopData, cfg: TrainConfig, on_progress: Callable[[int], None] | None = None) -> dict:
-    """Fit align_proj in closed form: ridge regression from mean(soft_prompt) to the training targets.
-
-    λ is picked on the held-out split by mean cosine. This gives the head the best linear readout of the
-    untrained encoder's features before step 0, instead of a random projection that gradient descent must undo.
-    """
-    n = min(len(data.train_queries), cfg.ridge_samples)
-    feats = []
-    for start in range(0, n, cfg.eval_batch_size):
-        feats.append(embed_queries(encoder, data.train_queries[start : min(n, start + cfg.eval_batch_size)],
-                                   cfg.eval_batch_size, key="features"))
-        if on_progress:
-            on_progress(min(n, start + cfg.eval_batch_size) - start)
-    x = torch.cat(feats).double()
-    y = data.train_targets[:n].double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    gram, cross = xc.T @ xc, xc.T @ yc
-    scale = float(torch.diagonal(gram).mean())  # λ relative to the features' own scale
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    val_x = embed_queries(encoder, data.val_queries, cfg.eval_batch_size, key="features").double() if data.val_queries else None
-
-    def fit(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.linalg.solve(gram + alpha * scale * eye, cross)  # (H, D)
-        return w, y_mean - x_mean @ w
-
-    scores = {}
-    if val_x is not None:
-        for alpha in RIDGE_GRID:
-            w, b = fit(alpha)
-            pred = F.normalize(val_x @ w + b, dim=-1)
-            scores[alpha] = float((pred * data.val_targets.double()).sum(-1).mean())
-        best = max(scores, key=scores.get)
-    else:
-        best = 1e-2  # no held-out split to choose on: a middle-of-the-grid default
-    w, b = fit(best)
-    head = encoder.align_proj
-    head.weight.copy_(w.T.to(head.weight.dtype))
-    head.bias.copy_(b.to(head.bias.dtype))
-    return {"samples": n, "alpha": best, "val_cos": scores.get(best), "grid": {str(k): round(v, 4) for k, v in scores.items()}}
-
-
 # ---- checkpoints --------------------------------------------------------------------------------------
 CHECKPOINT = "state.pt"
 
@@ -445,9 +411,12 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
         log.reset()
         if cfg.ridge_init:
             before = validate(encoder, data, cfg).get("val_cos")
-            state.ridge = {"val_cos_before": before, **ridge_init(encoder, data, cfg, lambda k: emit("ridge", {"n": k}))}
+            embed = lambda queries, key="embedding": embed_queries(encoder, queries, cfg.eval_batch_size, key)
+            state.ridge = {"val_cos_before": before, **ridge_init(encoder, data, cfg, embed, lambda k: emit("ridge", {"n": k}))}
             log.write({"step": 0, "event": "ridge_init", **state.ridge})
         state.last_val = validate(encoder, data, cfg)
+        if state.ridge:
+            state.ridge["val_cos"] = state.last_val.get("val_cos")  # the ridge-initialised head, held out
         log.write({"step": 0, **state.last_val})
         emit("val", {"step": 0, **state.last_val})
 

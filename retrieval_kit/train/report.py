@@ -132,17 +132,20 @@ def validation_figures(encoder, queries: list[str], responses: list[str], respon
 
     - student_cos: mean cos(student embedding, teacher(response));
     - baseline_cos: mean cos(teacher(query), teacher(response)) — what you get with no training at all;
+    - with a query anchor: anchor_cos (the anchor alone) and fused_cos (what `--query-mode fused` searches with);
     - reconstruction: decode the student's soft prompt and compare it with the real response (teacher cosine
       and ROUGE-L F1), on the first `decode_samples` held-out queries; plus example triples.
     """
     if not queries:
         return {}
     student = encoder.encode(queries, batch_size=batch_size)
-    figures = {
-        "n_val": len(queries),
-        "student_cos": float((student * response_vecs).sum(1).mean()),
-        "baseline_cos": float((query_vecs * response_vecs).sum(1).mean()),
-    }
+    cos = lambda vecs: float((vecs * response_vecs).sum(1).mean())
+    figures = {"n_val": len(queries), "student_cos": cos(student), "baseline_cos": cos(query_vecs)}
+    if encoder.config.anchor:  # the query anchor alone, and fused with the student at the fitted weight
+        anchored, w = encoder.anchor_queries(query_vecs), encoder.config.fuse_weight
+        fused = w * student + (1 - w) * anchored
+        fused /= np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+        figures.update(anchor_cos=cos(anchored), fused_cos=cos(fused), fuse_weight=w, query_mode=encoder.config.query_mode)
     n = min(decode_samples, len(queries))
     if n:
         decoded = encoder.decode(queries[:n], max_new_tokens=decode_tokens, batch_size=min(batch_size, 16))
@@ -205,7 +208,8 @@ def model_card(summary: dict) -> str:
         f"- query file: `{data['file']}` — {data['records']} records read{' (--limit ' + str(cfg['limit']) + ')' if cfg.get('limit') else ''}, "
         f"{data['unique']} distinct",
         f"- training queries: {data['train']} (with a usable response: {data['train_used']}); held-out validation queries: "
-        f"{data['val']} (the `--val-size` smallest text hashes; never trained on)",
+        f"{data['val']} (the `--val-size` smallest text hashes; never trained on or tuned on); tune queries (kept out of "
+        f"training, used to choose λ, the fused weight and the query mode): {data.get('tune', 0)}",
         f"- responses: the backbone's own greedy answers, chat template, at most {cfg['max_new_tokens']} new tokens "
         f"(system prompt: {cfg.get('system_prompt') or 'template default'}); targets: teacher(response), L2-normalised",
         "",
@@ -236,7 +240,19 @@ def model_card(summary: dict) -> str:
     if ridge:
         lines.append(f"| untrained encoder, random head | {_fmt(ridge.get('val_cos_before'))} |")
         lines.append(f"| untrained encoder + ridge-initialised head (step 0) | {_fmt(ridge.get('val_cos'))} |")
-    lines.append(f"| **this adapter (student)** | **{_fmt(fig.get('student_cos'))}** |")
+    lines.append(f"| **this adapter: student (generative embedding alone)** | **{_fmt(fig.get('student_cos'))}** |")
+    anchor = summary.get("anchor") or {}
+    if "anchor_cos" in fig:
+        lines += [
+            f"| query anchor alone: teacher(query) through the fitted teacher-space map | {_fmt(fig['anchor_cos'])} |",
+            f"| **this adapter: fused, {fig['fuse_weight']:.2f}·student + {1 - fig['fuse_weight']:.2f}·anchor** | "
+            f"**{_fmt(fig['fused_cos'])}** |",
+            "",
+            f"Query anchor (closed form after the loop, ridge λ = {anchor.get('alpha')} × mean feature variance); fused "
+            f"weight and default query mode chosen on {anchor.get('tune_n', 0)} tune queries kept out of training "
+            f"(tune-split cosines: {anchor.get('tune_cos')}). `rkit search` uses `{fig.get('query_mode') or 'generative'}` "
+            f"query vectors by default with this adapter.",
+        ]
     if rec:
         lines += [
             "",
