@@ -205,7 +205,7 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
     out = tmp_path / "out"
     cases = [
         (["--queries", empty, "--out", out], "empty"),
-        (["--queries", broken, "--out", out], "broken.jsonl:2: malformed JSON"),
+        (["--queries", broken, "--out", out], "broken.jsonl:2: invalid JSON"),
         (["--queries", textless, "--out", out], "textless.jsonl:1: record has no text"),
         (["--queries", tmp_path / "missing.jsonl", "--out", out], "not found"),
         (["--queries", pool["queries"], "--out", blocker / "sub"], "not writable"),

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CorpusError
+from ..jsonl import json_type, parse_object
 from .document import Document
 
 BINARY_PROBE_BYTES = 8192
 ID_KEYS = ("_id", "id")
 TEXT_KEYS = ("text", "contents", "body")
 _MD_TITLE = re.compile(r"^#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
-_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 class CorpusWarning(UserWarning):
@@ -129,12 +129,7 @@ def _parse_record(raw: bytes, where: str, offset: int, source: str, max_bytes: i
     line = decode_utf8(raw, where, offset).strip()
     if not line:
         return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise CorpusError(f"{where}: expected a JSON object, got {_JSON_TYPES.get(type(record), 'value')}")
+    record = parse_object(line, where, CorpusError)
     id_key = _first_key(record, ID_KEYS, where, '"_id" (or "id")')
     text_key = _first_key(record, TEXT_KEYS, where, '"text" (or "contents"/"body")')
     doc_id, text, title = record[id_key], record[text_key], record.get("title") or ""
@@ -144,7 +139,7 @@ def _parse_record(raw: bytes, where: str, offset: int, source: str, max_bytes: i
         raise CorpusError(f'{where}: "{id_key}" must be a non-empty string, got {json.dumps(doc_id)}')
     for key, value in ((text_key, text), ("title", title)):
         if not isinstance(value, str):
-            raise CorpusError(f'{where}: "{key}" must be a string, got {_JSON_TYPES.get(type(value), "object")}')
+            raise CorpusError(f'{where}: "{key}" must be a string, got {json_type(value)}')
     if doc_id in seen:
         raise CorpusError(f'{where}: duplicate document id "{doc_id}"')
     seen.add(doc_id)

@@ -13,11 +13,11 @@ among the k smallest of any sub-pool containing it), and the split does not depe
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TrainError
+from ..jsonl import parse_object
 
 TEXT_FIELDS = ("text", "query", "prompt", "instruction")
 
@@ -62,12 +62,7 @@ def read_queries(path: str | Path, limit: int | None = None) -> list[str]:
 
 
 def _parse_line(line: str, path: Path, lineno: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise TrainError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from exc
-    if not isinstance(record, dict):
-        raise TrainError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    record = parse_object(line, f"{path}:{lineno}", TrainError)
     for key in TEXT_FIELDS:
         value = record.get(key)
         if isinstance(value, str) and value.strip():
