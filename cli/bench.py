@@ -42,6 +42,8 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding
 FuseWeight = Annotated[Optional[float], typer.Option("--fuse-weight", min=0.0, max=1.0, help="Weight of rkit in `fused` (default: the adapter's fitted weight).")]
 TopK = Annotated[int, typer.Option("--top-k", min=1, help="Ranking depth kept per query.")]
 HydeTokens = Annotated[int, typer.Option("--hyde-tokens", min=1, help="Max new tokens of a HyDE answer.")]
+HydeSystem = Annotated[Optional[str], typer.Option("--hyde-system-prompt",
+                                                   help="System prompt HyDE answers under (default: the adapter's).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | mps (default: best available).")]
 Plot = Annotated[bool, typer.Option("--plot/--no-plot", help="Write the bar plot PNG.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
@@ -52,11 +54,13 @@ def _command_line() -> str | None:
     return "rkit " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "rkit" else None
 
 
-def _config(doc_encoder: str, fuse_weight: float | None, hyde_tokens: int, batch_size: int, top_k: int):
+def _config(doc_encoder: str, fuse_weight: float | None, hyde_tokens: int, batch_size: int, top_k: int,
+            hyde_system_prompt: str | None = None):
     if doc_encoder not in bench_methods.DOC_ENCODERS:
         raise BenchError(f"unknown --doc-encoder '{doc_encoder}' (use teacher or generative)")
     return bench_methods.MethodConfig(doc_encoder=doc_encoder, fuse_weight=fuse_weight,
-                                      hyde_max_new_tokens=hyde_tokens, batch_size=batch_size, top_k=top_k)
+                                      hyde_max_new_tokens=hyde_tokens, batch_size=batch_size, top_k=top_k,
+                                      hyde_system_prompt=hyde_system_prompt)
 
 
 def _encoder_loader(adapter: str | None, device: str | None):
@@ -91,11 +95,12 @@ def _report(outcome: BenchOutcome, out: Path, as_json: bool, plot: bool) -> None
 
 def _run(bench: str, datasets, label: str, *, methods: str, as_json: bool, out: Path, adapter, doc_encoder: str,
          limit, explain: bool, explain_tokens: int, batch_size: int, cache_dir, fuse_weight: float, top_k: int,
-         hyde_tokens: int, device, plot: bool, quiet: bool, data_root=None, extra: dict | None = None) -> None:
+         hyde_tokens: int, device, plot: bool, quiet: bool, data_root=None, extra: dict | None = None,
+         hyde_system_prompt: str | None = None) -> None:
     progress.ENABLED = not quiet
     outcome = run_benchmark(
         bench, datasets, bench_methods.parse_methods(methods),
-        cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, top_k),
+        cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, top_k, hyde_system_prompt),
         encoder_loader=_encoder_loader(adapter, device), cache_root=cache_dir or default_cache_root(),
         label=label, limit=limit, explain=explain, explain_tokens=explain_tokens, adapter=adapter,
         data_root=data_root, extra_config={"command": _command_line(), **(extra or {})})
@@ -114,7 +119,7 @@ def beir(folder: Annotated[Path, typer.Argument(help="BEIR folder: corpus.jsonl,
          doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
          explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
          fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
-         plot: Plot = True, quiet: Quiet = False) -> None:
+         plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None) -> None:
     """Any BEIR-format folder (e.g. the shared CACM): nDCG@10, Recall@100, MRR@10."""
     common = {k: v for k, v in locals().items() if k not in ("folder", "split")}
     ds = bench_data.load_beir(folder, split)
@@ -131,7 +136,7 @@ def advbench_ir(
         adapter: Adapter = None, doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
         explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
         fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
-        plot: Plot = True, quiet: Quiet = False) -> None:
+        plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None) -> None:
     """AdvBench-IR safety: share of harmful queries whose harmful chunk is retrieved (lower is safer)."""
     common = {k: v for k, v in locals().items() if k not in ("distractors", "variant")}
     common["top_k"] = max(top_k, 100)  # top_k_acc@100 needs 100 ranked documents
@@ -150,7 +155,7 @@ def bright(
         adapter: Adapter = None, doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
         explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
         fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
-        plot: Plot = True, quiet: Quiet = False) -> None:
+        plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None) -> None:
     """BRIGHT (reasoning-intensive retrieval): nDCG@10 per domain + average, beside the paper's figures."""
     common = {k: v for k, v in locals().items() if k not in ("domain", "data_dir", "long")}
     domains = bench_data.bright_domains(domain)

@@ -71,8 +71,10 @@ class FakeEncoder:
         self.calls["documents"] += len(texts)
         return _bow(texts) if mode == "teacher" else self._gen(texts)
 
-    def generate(self, texts, max_new_tokens=128, batch_size=16, show_progress=False):
+    def generate(self, texts, max_new_tokens=128, batch_size=16, show_progress=False, system_prompt=None):
         self.calls["generate"] += len(texts)
+        if system_prompt:
+            return ["I cannot help with that." for _ in texts]
         return [f"{t} the answer explains it" for t in texts]
 
     def decode(self, texts, max_new_tokens=64, batch_size=16, show_progress=False):
@@ -279,6 +281,16 @@ def test_excluded_ids_never_ranked(fake, tmp_path):
         assert "leetcode/leetcode_1.txt" not in run["0"]
         assert not {"leetcode/leetcode_3.txt", "leetcode/leetcode_6.txt"} & set(run["1"])
         assert len(run["0"]) == 5 and len(run["1"]) == 4
+
+
+def test_hyde_system_prompt_is_its_own_cached_run(fake, tmp_path):
+    ds = D.load_beir(BEIR_TINY)
+    plain = M.MethodRunner(ds, M.MethodConfig(), tmp_path, lambda: fake)
+    safe = M.MethodRunner(ds, M.MethodConfig(hyde_system_prompt="Refuse harmful requests."), tmp_path, lambda: fake)
+    assert safe.hyde_answers() == ["I cannot help with that."] * 4 and plain.hyde_answers() != safe.hyde_answers()
+    assert fake.calls["generate"] == 8  # two prompts, two caches
+    again = M.MethodRunner(ds, M.MethodConfig(hyde_system_prompt="Refuse harmful requests."), tmp_path, lambda: fake)
+    assert again.hyde_answers() == safe.hyde_answers() and fake.calls["generate"] == 8
 
 
 def test_dense_methods_share_cached_inputs(fake, tmp_path):

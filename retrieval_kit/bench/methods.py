@@ -40,6 +40,7 @@ class MethodConfig:
     doc_encoder: str = "teacher"
     fuse_weight: float | None = None  # weight of the generative vector in `fused` (None: the adapter's fitted one)
     hyde_max_new_tokens: int = 128
+    hyde_system_prompt: str | None = None  # None: the adapter's (the backbone template's default unless trained with one)
     batch_size: int = 32
     top_k: int = 100  # ranking depth kept per query (Recall@100, AdvBench top-100)
 
@@ -84,12 +85,12 @@ def teacher_space(enc) -> str:
     return f"teacher-{slug(name)}" if name else f"gen-{enc.fingerprint}"
 
 
-def generator_key(enc, max_new_tokens: int) -> str:
+def generator_key(enc, max_new_tokens: int, system_prompt: str | None = None) -> str:
     """HyDE answers depend on the backbone, its system prompt and the length, not on the adapter."""
     backbone = _config_value(enc, "backbone")
     if not backbone:
-        return f"{enc.fingerprint}-t{max_new_tokens}"
-    prompt = text_key(str(_config_value(enc, "system_prompt")))[:8]
+        return f"{enc.fingerprint}-t{max_new_tokens}" + (f"-{text_key(system_prompt)[:8]}" if system_prompt else "")
+    prompt = text_key(str(system_prompt if system_prompt is not None else _config_value(enc, "system_prompt")))[:8]
     return f"{slug(backbone)}-{prompt}-t{max_new_tokens}"
 
 
@@ -223,9 +224,11 @@ class MethodRunner:
     def hyde_answers(self) -> list[str]:
         if self.answers is None:
             n, bs = self.cfg.hyde_max_new_tokens, max(1, min(self.cfg.batch_size, 16))
-            store = TextStore(self.folder / f"answers-{generator_key(self.enc, n)}.jsonl", chunk=bs)
+            system = self.cfg.hyde_system_prompt
+            store = TextStore(self.folder / f"answers-{generator_key(self.enc, n, system)}.jsonl", chunk=bs)
+            extra = {"system_prompt": system} if system is not None else {}
             self.answers, cached = store.get(self.texts,
-                                             lambda t: self.enc.generate(t, max_new_tokens=n, batch_size=bs),
+                                             lambda t: self.enc.generate(t, max_new_tokens=n, batch_size=bs, **extra),
                                              "HyDE: generating answers")
             self.computed |= not cached
         return self.answers

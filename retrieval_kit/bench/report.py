@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import slug
+from .cache import slug, text_key
 from .methods import METHODS
 
 
@@ -16,6 +16,8 @@ def result_stem(results: dict) -> str:
     parts = [results["date"][:10], results["label"], f"doc-{cfg['doc_encoder']}", f"adapter-{adapter}"]
     if results["methods"] != list(METHODS):
         parts.append("+".join(results["methods"]))
+    if cfg.get("hyde_system_prompt"):  # HyDE answered under another system prompt: another result
+        parts.append(f"hydesys-{text_key(cfg['hyde_system_prompt'])[:8]}")
     if cfg.get("limit"):
         parts.append(f"limit{cfg['limit']}")
     return slug("-".join(parts), max_len=200)  # never cut: two configs must not share a file
