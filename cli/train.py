@@ -57,6 +57,7 @@ def train(
     w_align: float = typer.Option(10.0, "--w-align", min=0.0, help="Weight of L_align."),
     target_mix: float = typer.Option(0.0, "--target-mix", min=0.0, max=1.0, help="Mix teacher(query) into the targets."),
     ridge_init: Optional[bool] = typer.Option(None, "--ridge-init/--no-ridge-init", help="Closed-form init of a linear alignment head (default: on for a fresh linear head)."),
+    refit_head: Optional[bool] = typer.Option(None, "--refit-head/--no-refit-head", help="Refit the linear head in closed form on the trained features after the loop (default: as --ridge-init)."),
     anchor: bool = typer.Option(True, "--anchor/--no-anchor", help="Fit a query anchor after training (fused queries use it; see the README)."),
     val_size: int = typer.Option(200, "--val-size", min=0, help="Held-out validation queries."),
     tune_size: int = typer.Option(256, "--tune-size", min=0, help="Queries kept out of training to choose λ, the fused weight and the query mode."),
@@ -87,10 +88,12 @@ def train(
         max_new_tokens=max_new_tokens, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         head_lr_scale=head_lr_scale, recon_lr_scale=recon_lr_scale,
         schedule=schedule, max_target_tokens=max_target_tokens, align_loss=align_loss, w_recon=w_recon, w_align=w_align,
-        target_mix=target_mix, ridge_init=ridge_init, val_every=val_every, checkpoint_every=checkpoint_every, seed=seed,
+        target_mix=target_mix, ridge_init=ridge_init, refit_head=refit_head, val_every=val_every, checkpoint_every=checkpoint_every, seed=seed,
         resume=resume, stop_after=stop_after, command=_command_line(),
     )
     summary = run_training(config, progress=not as_json)
+    if summary.get("rank", 0) != 0:  # under torchrun rank 0 reports for everyone
+        return
     if as_json:
         print_json(summary)
         return

@@ -110,6 +110,9 @@ def test_training_learns_and_changes_only_the_adapter(pool, tmp_path, fresh_enco
 def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(pool, tmp_path, monkeypatch):
     full = train(tiny(pool, tmp_path / "full", w_recon=0, checkpoint_every=2), progress=False)
     assert full["status"] == "finished" and full["ridge"]["val_cos"] is not None
+    # after the loop the head is refitted on the trained features (no tune split here: kept unconditionally)
+    assert full["refit"]["kept"] and full["refit"]["samples"] == 2 and full["refit"]["val_cos"] is not None
+    assert [r for r in read_log(tmp_path / "full" / "training_log.jsonl") if r.get("event") == "refit_head"]
 
     # from here on the response cache must be enough: count generation calls, check the cache file is untouched
     calls = []
@@ -313,3 +316,41 @@ def test_response_cache_survives_a_torn_last_line(tmp_path, monkeypatch):
                                               cache_dir=tmp_path)
     assert got == {"a": "A", "b": "B", "c": "C"}
     assert responses_module.read_cache(path) == got
+
+
+# ---- several processes ----------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_match_one_process(pool, tmp_path):
+    """DDP on CPU (gloo): 2 ranks × batch 1 train the same adapter as 1 process × batch 2 (alignment loss only, so
+    the per-rank means average to the global mean). A fresh RKIT_HOME makes both ranks want the backbone cache at
+    once: one builds it, the other waits (it used to read a half-made folder)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    args = ["--queries", str(pool["queries"]), "--cache-dir", str(pool["cache"]), "--limit", "5", "--val-size", "1",
+            "--tune-size", "0", "--max-new-tokens", "8", "--steps", "3", "--warmup", "0", "--w-recon", "0",
+            "--threads", "1", "--device", "cpu", "--json"]
+    env = {**os.environ, "RKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--no-python", "rkit", "train", *args,
+                           "--out", str(tmp_path / "ddp"), "--batch-size", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)  # one report (rank 0's), not one per rank
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+
+    single = train(tiny(pool, tmp_path / "one", limit=5, tune_size=0, steps=3, batch_size=2, w_recon=0, decode_samples=1),
+                   progress=False)
+    assert single["world_size"] == 1
+    # same losses, gradients and held-out figure up to float noise (batch 1 vs a padded batch of 2; Adam's first
+    # steps magnify noise in near-zero gradients, so the weights themselves are not compared bit for bit)
+    ddp_log, one_log = read_log(tmp_path / "ddp" / "training_log.jsonl"), read_log(tmp_path / "one" / "training_log.jsonl")
+    ddp_steps, one_steps = [r for r in ddp_log if "loss" in r], [r for r in one_log if "loss" in r]
+    assert ddp_steps[-1]["step"] == one_steps[-1]["step"] == 3
+    assert ddp_steps[-1]["loss"] == pytest.approx(np.mean([r["loss"] for r in one_steps]), rel=1e-3)
+    assert ddp_steps[-1]["grad_norm"] == pytest.approx(one_steps[-1]["grad_norm"], rel=1e-2)
+    val = lambda log: [r["val_cos"] for r in log if "val_cos" in r and "event" not in r]
+    assert val(ddp_log) == pytest.approx(val(one_log), abs=1e-3)

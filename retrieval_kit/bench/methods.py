@@ -7,7 +7,7 @@
     rkit     generative query embedding           — the method
     anchor   the adapter's query anchor alone: teacher(query) moved by a fitted teacher-space map (optional extra;
              the ablation that shows what `fused` owes to the LLM and what to the anchor)
-    fused    normalise(w·rkit + (1−w)·anchor)     — the same formula as encode_queries(mode="fused")
+    fused    normalise(w·rkit + (1−w)·anchor)     — models.encoder.fuse_queries, as encode_queries(mode="fused")
 
 Every dense method scores against ONE document matrix per dataset (teacher by default, or the generative
 encoder with doc_encoder="generative"), computed once and cached (see cache.py).
@@ -249,9 +249,10 @@ class MethodRunner:
         if method == "anchor":
             return self.enc.anchor_queries(self._teacher(self.texts, "teacher queries"))
         if method == "fused":
-            w = self.fuse_weight()
+            from ..models.encoder import fuse_queries  # lazy: the bench imports no model code until it runs one
+
             anchored = self.enc.anchor_queries(self._teacher(self.texts, "teacher queries"))
-            return normalise(w * self._generative(self.texts) + (1 - w) * anchored)
+            return fuse_queries(self._generative(self.texts), anchored, self.fuse_weight())
         if method in ("hyde", "hydeq"):
             hyde = self._teacher(self.hyde_answers(), "HyDE answer embeddings")
             return hyde if method == "hyde" else normalise(hyde + self._teacher(self.texts, "teacher queries"))

@@ -44,8 +44,27 @@ def packaged_gguf(alias: str) -> Path:
 def _dequantised_cache(alias: str) -> Path:
     """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
     folder = rkit_home() / "backbones" / alias
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+    if _complete(folder):
         return folder
+    from filelock import FileLock  # (a dependency of huggingface_hub and torch)
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder.parent / f".{alias}.lock"))
+    except OSError as exc:
+        raise ModelError(f"cannot write the backbone cache at {folder}: {exc.strerror or exc}") from exc
+    # several processes may start at once (torchrun ranks, parallel commands): one converts, the others wait
+    with lock:
+        if not _complete(folder):
+            _dequantise(alias, folder)
+    return folder
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _dequantise(alias: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = packaged_gguf(alias)
@@ -61,14 +80,21 @@ def _dequantised_cache(alias: str) -> Path:
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(quantised.state_dict())
-        plain.save_pretrained(tmp, safe_serialization=True)
+        # not plain.save_pretrained: under torchrun transformers writes weights on rank 0 only, and this cache is
+        # per process (rank 1 may hold the lock first)
+        from safetensors.torch import save_model
+
+        tmp.mkdir(parents=True)
+        plain.config.architectures = [type(plain).__name__]  # what save_pretrained would record
+        plain.config.save_pretrained(tmp)
+        plain.generation_config.save_pretrained(tmp)
+        save_model(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied lm_head copy
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)  # atomic: a killed conversion never leaves a half-written cache
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"cannot write the backbone cache at {folder}: {exc.strerror or exc}") from exc
-    return folder
 
 
 def resolve_backbone(name: str | None) -> str:

@@ -252,8 +252,7 @@ class GenerativeEncoder(nn.Module):
         weight = self.config.fuse_weight if fuse_weight is None else fuse_weight
         if not 0.0 <= weight <= 1.0:
             raise InputError(f"fuse weight must be in [0, 1], got {weight}")
-        anchored = self.anchor_queries(self.encode_teacher(texts, batch_size, show_progress))
-        return _normalise(weight * gen + (1.0 - weight) * anchored)
+        return fuse_queries(gen, self.anchor_queries(self.encode_teacher(texts, batch_size, show_progress)), weight)
 
     @torch.no_grad()
     def anchor_queries(self, teacher_vecs: np.ndarray) -> np.ndarray:
@@ -261,7 +260,7 @@ class GenerativeEncoder(nn.Module):
         if not self.config.anchor or len(teacher_vecs) == 0:
             return teacher_vecs
         x = torch.from_numpy(np.ascontiguousarray(teacher_vecs, dtype=np.float32)).to(self.anchor_proj.weight.device)
-        return _normalise((x + self.anchor_proj(x)).cpu().numpy())
+        return apply_anchor(self.anchor_proj, x).cpu().numpy()
 
     def encode_documents(self, texts: Sequence[str], mode: str = "teacher", batch_size: int = 64,
                          show_progress: bool = False) -> np.ndarray:
@@ -311,6 +310,16 @@ class GenerativeEncoder(nn.Module):
         except OSError as exc:
             raise ModelError(f"cannot write adapter to {folder}: {exc.strerror or exc}") from exc
         return folder
+
+
+def apply_anchor(anchor_proj: nn.Module, teacher_vecs: torch.Tensor) -> torch.Tensor:
+    """The anchored query: teacher(query) plus the fitted shift towards its answer, unit length."""
+    return F.normalize(teacher_vecs + anchor_proj(teacher_vecs.to(anchor_proj.weight.dtype)).to(teacher_vecs.dtype), dim=-1)
+
+
+def fuse_queries(generative: np.ndarray, anchored: np.ndarray, weight: float) -> np.ndarray:
+    """Fused query vectors: normalise(w·generative + (1−w)·anchored). The one place this formula lives."""
+    return _normalise(weight * generative + (1.0 - weight) * anchored)
 
 
 def read_adapter_config(folder: str | Path) -> EncoderConfig:

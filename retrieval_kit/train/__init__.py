@@ -24,10 +24,10 @@ import torch
 from ..errors import TrainError
 from ..paths import rkit_home
 from .data import QuerySplit, load_split
-from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
-from .report import model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
+from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, validate, world
+from .report import TrainingLog, model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
 from .responses import GenerationConfig, generate_responses
-from .ridge import fit_query_anchor
+from .ridge import fit_head, fit_query_anchor
 from .targets import embed_texts, target_store
 
 __all__ = ["TrainConfig", "train"]
@@ -78,15 +78,19 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
 
     with clock("loop"):
         state = stage_loop(encoder, data, cfg, out, progress and rank == 0)
+    refit = {}
+    if state.step >= cfg.steps and cfg.refit_head:
+        with clock("refit"):
+            refit = stage_refit(encoder, data, cfg, state, out, progress and rank == 0)
     anchor = {}
     if state.step >= cfg.steps and encoder.config.anchor:
         with _spinner("query anchor and fused weight (closed form, tune split)", progress and rank == 0), clock("anchor"):
             anchor = fit_query_anchor(encoder, data, lambda queries: embed_queries(encoder, queries, cfg.eval_batch_size))
     summary = {
         "out": str(out), "status": "finished" if state.step >= cfg.steps else "stopped", "steps": state.step,
-        "skipped": state.skipped, "loop_s": state.elapsed, "ridge": state.ridge, "anchor": anchor,
+        "skipped": state.skipped, "loop_s": state.elapsed, "ridge": state.ridge, "refit": refit, "anchor": anchor,
         "last_val": state.last_val,
-        "backbone": encoder.config.backbone, "teacher": encoder.config.teacher, "world_size": world_size,
+        "backbone": encoder.config.backbone, "teacher": encoder.config.teacher, "world_size": world_size, "rank": rank,
         "data": {**split.describe(), "train_used": len(data.train_queries), "tune": len(data.tune_queries)},
         "config": asdict(cfg), "machine": machine_info(device), "parameters": parameter_counts(encoder),
         "timings_s": timings,
@@ -190,6 +194,26 @@ def stage_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path, progress: b
         return train_loop(encoder, data, cfg, out, on_event)
 
 
+def stage_refit(encoder, data: LoopData, cfg: TrainConfig, state, out: Path, progress: bool) -> dict:
+    """After the loop: the linear head refitted in closed form on the trained encoder's features (ridge.py).
+
+    Kept only if it does at least as well on the tune split as the head the loop ended with."""
+    embed = lambda queries, key="embedding": embed_queries(encoder, queries, cfg.eval_batch_size, key)
+    tune_cos = lambda: float((embed(data.tune_queries) * data.tune_targets).sum(-1).mean()) if data.tune_queries else None
+    before = {"tune_cos": tune_cos(), "val_cos": state.last_val.get("val_cos"), "head": encoder.align_proj.state_dict()}
+    before["head"] = {k: v.clone() for k, v in before["head"].items()}
+    n = min(len(data.train_queries), cfg.ridge_samples)
+    with _bar("refitting the head (trained features)", n, progress) as advance:
+        fit = fit_head(encoder, data, cfg, embed, advance)
+    kept = before["tune_cos"] is None or fit["tune_cos"] >= before["tune_cos"]
+    if not kept:
+        encoder.align_proj.load_state_dict(before["head"])
+    result = {**fit, "kept": kept, "tune_cos_before": before["tune_cos"], "val_cos_before": before["val_cos"],
+              "val_cos": validate(encoder, data, cfg).get("val_cos")}
+    TrainingLog(out / "training_log.jsonl", enabled=world()[0] == 0).write({"step": state.step, "event": "refit_head", **result})
+    return result
+
+
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
@@ -271,8 +295,10 @@ def _resolve_model_fields(cfg: TrainConfig) -> None:
     cfg.backbone, cfg.teacher = cfg.backbone or DEFAULT_BACKBONE, cfg.teacher or DEFAULT_TEACHER
     if cfg.ridge_init is None:  # the closed-form fit suits a fresh linear head; a starting adapter keeps its own
         cfg.ridge_init = cfg.align_head == "linear" and not cfg.adapter
-    if cfg.ridge_init and cfg.align_head != "linear":
-        raise TrainError("--ridge-init needs --align-head linear")
+    if cfg.refit_head is None:
+        cfg.refit_head = cfg.ridge_init
+    if (cfg.ridge_init or cfg.refit_head) and cfg.align_head != "linear":
+        raise TrainError("--ridge-init and --refit-head need --align-head linear")
     # after a closed-form fit, slow the two matrices whose Adam steps would undo it (see loop.param_groups)
     if cfg.recon_lr_scale is None:
         cfg.recon_lr_scale = 0.1 if cfg.ridge_init else 1.0
@@ -301,8 +327,8 @@ def _training_record(summary: dict) -> dict:
         "hyperparameters": {k: cfg[k] for k in ("batch_size", "grad_accum", "lr", "special_lr_scale", "recon_lr_scale",
                                                  "head_lr_scale", "warmup", "schedule", "max_new_tokens",
                                                  "max_target_tokens", "align_loss", "w_recon", "w_align", "target_mix",
-                                                 "ridge_init", "seed")},
-        "ridge": summary.get("ridge"), "anchor": {k: v for k, v in (summary.get("anchor") or {}).items() if k != "fuse_grid"},
+                                                 "ridge_init", "refit_head", "seed")},
+        "ridge": summary.get("ridge"), "refit": summary.get("refit"), "anchor": {k: v for k, v in (summary.get("anchor") or {}).items() if k != "fuse_grid"},
         "val": {k: fig.get(k) for k in ("n_val", "student_cos", "baseline_cos", "anchor_cos", "fused_cos", "fuse_weight",
                                         "reconstruction")},
         "parameters": summary["parameters"],

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import TrainError
 from .report import TrainingLog
-from .ridge import ridge_init
+from .ridge import fit_head
 
 ALIGN_LOSSES = ("cos", "mse", "infonce")
 SCHEDULES = ("linear", "cosine")
@@ -87,6 +87,7 @@ class TrainConfig:
     temperature: float = 0.05  # infonce
     target_mix: float = 0.0  # train towards normalise((1−m)·teacher(response) + m·teacher(query))
     ridge_init: bool | None = None  # None: on for a fresh linear head (train() resolves it)
+    refit_head: bool | None = None  # refit the linear head in closed form after the loop (None: as ridge_init)
     ridge_samples: int = 20000  # training queries used to fit the ridge initialisation
     eval_batch_size: int = 32
     val_every: int = 200
@@ -412,7 +413,7 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
         if cfg.ridge_init:
             before = validate(encoder, data, cfg).get("val_cos")
             embed = lambda queries, key="embedding": embed_queries(encoder, queries, cfg.eval_batch_size, key)
-            state.ridge = {"val_cos_before": before, **ridge_init(encoder, data, cfg, embed, lambda k: emit("ridge", {"n": k}))}
+            state.ridge = {"val_cos_before": before, **fit_head(encoder, data, cfg, embed, lambda k: emit("ridge", {"n": k}))}
             log.write({"step": 0, "event": "ridge_init", **state.ridge})
         state.last_val = validate(encoder, data, cfg)
         if state.ridge:

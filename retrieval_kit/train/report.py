@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..machine import machine_info as base_machine_info
+from ..models.encoder import fuse_queries
 
 # ---- training_log.jsonl ------------------------------------------------------------------------------
 
@@ -143,8 +144,7 @@ def validation_figures(encoder, queries: list[str], responses: list[str], respon
     figures = {"n_val": len(queries), "student_cos": cos(student), "baseline_cos": cos(query_vecs)}
     if encoder.config.anchor:  # the query anchor alone, and fused with the student at the fitted weight
         anchored, w = encoder.anchor_queries(query_vecs), encoder.config.fuse_weight
-        fused = w * student + (1 - w) * anchored
-        fused /= np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+        fused = fuse_queries(student, anchored, w)
         figures.update(anchor_cos=cos(anchored), fused_cos=cos(fused), fuse_weight=w, query_mode=encoder.config.query_mode)
     n = min(decode_samples, len(queries))
     if n:
@@ -221,7 +221,8 @@ def model_card(summary: dict) -> str:
         f"- loss = {cfg['w_recon']} · L_recon (response tokens ≤ {cfg['max_target_tokens']}) + {cfg['w_align']} · "
         f"L_align ({cfg['align_loss']}); {cfg['n_thought']} thought + {cfg['n_compress']} compression tokens, "
         f"{cfg['align_head']} alignment head; ridge initialisation of the head: "
-        f"{'yes (λ = ' + str(ridge.get('alpha')) + ' × mean feature variance, ' + str(ridge.get('samples')) + ' queries)' if ridge else 'no'}",
+        f"{'yes (λ = ' + str(ridge.get('alpha')) + ' × mean feature variance, ' + str(ridge.get('samples')) + ' queries)' if ridge else 'no'}; "
+        f"closed-form refit of the head after the loop: {'yes (λ = ' + str(summary['refit'].get('alpha')) + ')' if summary.get('refit') else 'no'}",
         f"- wall time: {summary['wall_s'] / 60:.1f} min in total ({summary['loop_s'] / 60:.1f} min in optimisation steps); this "
         f"run's stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("timings_s", {}).items()),
         f"- parameters: {params['trainable']:,} trainable of {params['total']:,} "
@@ -240,6 +241,11 @@ def model_card(summary: dict) -> str:
     if ridge:
         lines.append(f"| untrained encoder, random head | {_fmt(ridge.get('val_cos_before'))} |")
         lines.append(f"| untrained encoder + ridge-initialised head (step 0) | {_fmt(ridge.get('val_cos'))} |")
+    refit = summary.get("refit") or {}
+    if refit:
+        lines.append(f"| trained encoder, head as the loop left it (step {summary['steps']}) | {_fmt(refit.get('val_cos_before'))} |")
+        lines.append(f"| trained encoder + head refitted in closed form ({'kept' if refit.get('kept') else 'not kept: worse on the tune split'}) "
+                     f"| {_fmt(refit.get('val_cos'))} |")
     lines.append(f"| **this adapter: student (generative embedding alone)** | **{_fmt(fig.get('student_cos'))}** |")
     anchor = summary.get("anchor") or {}
     if "anchor_cos" in fig:
