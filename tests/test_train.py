@@ -354,3 +354,20 @@ def test_torchrun_two_processes_match_one_process(pool, tmp_path):
     assert ddp_steps[-1]["grad_norm"] == pytest.approx(one_steps[-1]["grad_norm"], rel=1e-2)
     val = lambda log: [r["val_cos"] for r in log if "val_cos" in r and "event" not in r]
     assert val(ddp_log) == pytest.approx(val(one_log), abs=1e-3)
+
+
+def test_the_cuda_configuration_bf16_backbone_and_autocast_runs_on_cpu(pool, tmp_path, monkeypatch):
+    """CI has no GPU. What differs on CUDA is the numbers' type: the backbone loads in bf16 (pick_dtype) and the
+    step runs under bf16 autocast. Run exactly that on CPU, so dtype mismatches between the fp32 adapter, the bf16
+    backbone and the autocast projections show up here and not on someone's GPU."""
+    import retrieval_kit.models.backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "pick_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(loop_module, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    summary = train(tiny(pool, tmp_path / "bf16", steps=2, decode_samples=1), progress=False)
+    assert summary["status"] == "finished" and summary["machine"]["backbone_dtype"] == "bfloat16"
+    assert "backbone weights bfloat16" in (tmp_path / "bf16" / "README.md").read_text()
+    rows = [r for r in read_log(tmp_path / "bf16" / "training_log.jsonl") if "loss" in r]
+    assert rows and all(np.isfinite(r["loss"]) and r["recon"] > 0 for r in rows)
+    weights = load_file(tmp_path / "bf16" / "adapter.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())  # the adapter stays fp32

@@ -92,7 +92,7 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
         "last_val": state.last_val,
         "backbone": encoder.config.backbone, "teacher": encoder.config.teacher, "world_size": world_size, "rank": rank,
         "data": {**split.describe(), "train_used": len(data.train_queries), "tune": len(data.tune_queries)},
-        "config": asdict(cfg), "machine": machine_info(device), "parameters": parameter_counts(encoder),
+        "config": asdict(cfg), "machine": {**machine_info(device), "backbone_dtype": str(encoder.backbone.dtype).removeprefix("torch.")}, "parameters": parameter_counts(encoder),
         "timings_s": timings,
     }
     if summary["status"] == "stopped" or rank != 0:

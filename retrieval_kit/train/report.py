@@ -230,7 +230,8 @@ def model_card(summary: dict) -> str:
         f"{params['teacher_frozen']:,} frozen and used only for targets)",
         "",
         "## Machine",
-        f"- {where}; {machine['platform']}; Python {machine['python']}; torch {machine['torch']}",
+        f"- {where}; {machine['platform']}; Python {machine['python']}; torch {machine['torch']}; backbone weights "
+        f"{machine.get('backbone_dtype', '?')}",
         "",
         f"## Validation ({fig.get('n_val', 0)} held-out queries)",
         "",
