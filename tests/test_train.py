@@ -371,3 +371,29 @@ def test_the_cuda_configuration_bf16_backbone_and_autocast_runs_on_cpu(pool, tmp
     assert rows and all(np.isfinite(r["loss"]) and r["recon"] > 0 for r in rows)
     weights = load_file(tmp_path / "bf16" / "adapter.safetensors")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())  # the adapter stays fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heavy_left_padding_and_truncated_queries_give_finite_gradients(fresh_encoder, dtype):
+    """RESEARCH.md saw one non-finite gradient on GPU and suspected fully padded rows or queries cut past the
+    assistant header. Here: a 1-token query batched with one far over max_query_tokens (cut before templating, so
+    the header survives), ~250 positions of left padding, L_recon + L_align, fp32 and the CUDA-style bf16."""
+    import copy
+
+    encoder = copy.deepcopy(fresh_encoder)
+    encoder.backbone.to(dtype)
+    queries = ["hi", "explain the French revolution in detail " * 200]
+    batch = encoder.tokenize_queries(queries)
+    assert batch["input_ids"].shape[1] <= encoder.config.max_query_tokens + 64  # the long one was cut
+    assert batch["attention_mask"][0].sum() < 40  # the short one is mostly padding
+    header = encoder.tokenizer("assistant", add_special_tokens=False)["input_ids"]
+    assert all(header[0] in row.tolist() for row in batch["input_ids"])  # the assistant header survived the cut
+    cfg = TrainConfig(max_target_tokens=16)
+    full = loop_module.make_batch(encoder, queries, ["Hello! How can I help?", "It began in 1789."],
+                                  torch.nn.functional.normalize(torch.randn(2, 384), dim=-1), cfg)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else loop_module.autocast(encoder.device)
+    with cast:
+        losses = loop_module.compute_losses(encoder, encoder, full, cfg)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.trainable_parameters())
