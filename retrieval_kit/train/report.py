@@ -91,6 +91,11 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
     ax1.grid(alpha=0.3)
     if val:
         ax2.plot([r["step"] for r in val], [r["val_cos"] for r in val], "o-", label="student")
+        refit = [r for r in rows if r.get("event") == "refit_head" and r.get("val_cos") is not None]
+        if refit:  # the closed-form head refit after the loop (ridge.py)
+            ax2.plot([r["step"] for r in refit], [r["val_cos"] for r in refit], "*", markersize=12,
+                     label="after the head refit")
+        ax2.legend()
         ax2.set_xlabel("step")
         ax2.set_ylabel("val mean cos(student, teacher(response))")
         ax2.grid(alpha=0.3)
