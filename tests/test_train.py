@@ -330,12 +330,13 @@ def test_torchrun_two_processes_match_one_process(pool, tmp_path):
     import subprocess
     import sys
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    bin_dir = os.path.dirname(sys.executable)  # the venv's scripts; CI does not put them on PATH
+    torchrun, rkit = shutil.which("torchrun", path=bin_dir), shutil.which("rkit", path=bin_dir)
     args = ["--queries", str(pool["queries"]), "--cache-dir", str(pool["cache"]), "--limit", "5", "--val-size", "1",
             "--tune-size", "0", "--max-new-tokens", "8", "--steps", "3", "--warmup", "0", "--w-recon", "0",
             "--threads", "1", "--device", "cpu", "--json"]
     env = {**os.environ, "RKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--no-python", "rkit", "train", *args,
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--no-python", rkit, "train", *args,
                            "--out", str(tmp_path / "ddp"), "--batch-size", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
