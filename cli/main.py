@@ -114,6 +114,9 @@ def _print_result(result, info: dict) -> None:
     console.print(f"\n[bold]{result.query}[/]  [dim]query mode: {result.query_mode} · {state} {info['fingerprint']}[/]")
     if result.explanation is not None:
         note = "" if info["trained"] else " [dim](untrained adapter: expect noise)[/]"
+        rouge = info.get("explain_rouge_l")
+        if info["trained"] and rouge is not None and rouge < 0.2:  # say so rather than pass noise off as an answer
+            note = f" [dim](this adapter's decodes are not yet faithful: held-out ROUGE-L {rouge:.2f}, see its model card)[/]"
         text = " ".join(result.explanation.split()) or "∅"  # one paragraph: decoded text may be mostly newlines
         console.print(f"[italic]explanation:[/] {text}{note}", highlight=False)
     table = Table(show_lines=False)

@@ -81,6 +81,9 @@ def test_index_and_search_sample_corpus(index_home, corpus, encoder):
     assert result["query_mode"] == ((encoder.config.query_mode or "generative") if trained else "teacher")
     table = ok("search", "how do I rotate the API keys?", "--index", "kb", "--explain").stdout
     assert "rotating-api-keys" in table and "explanation" in table and ("UNTRAINED" in table) == (not trained)
+    # an adapter whose decodes are not yet faithful says so next to the explanation (its model card's ROUGE-L)
+    rouge = encoder.describe()["explain_rouge_l"]
+    assert ("not yet faithful" in " ".join(table.split())) == (trained and rouge is not None and rouge < 0.2)
 
 
 def test_generative_and_fused_modes_run(index_home, corpus):

@@ -143,6 +143,8 @@ class GenerativeEncoder(nn.Module):
             "dim": self.config.embed_dim,
             "anchor": self.config.anchor,
             "fuse_weight": self.config.fuse_weight,
+            # how faithfully this adapter's soft prompt decodes back to the answer (held-out ROUGE-L, model card)
+            "explain_rouge_l": ((self.config.training.get("val") or {}).get("reconstruction") or {}).get("rouge_l_f1"),
         }
 
     # ---- the forward path -------------------------------------------------------------------------
