@@ -112,6 +112,9 @@ def _print_summary(summary: dict) -> None:
         line = f"held-out ({fig['n_val']}): student cos {fig['student_cos']:.3f} vs no-training baseline {fig['baseline_cos']:.3f}"
         if summary.get("ridge", {}).get("val_cos") is not None:
             line += f" (ridge init {summary['ridge']['val_cos']:.3f})"
+        refit = summary.get("refit") or {}
+        if refit.get("val_cos_before") is not None and refit.get("val_cos") is not None:
+            line += f"; head refit {refit['val_cos_before']:.3f} → {refit['val_cos']:.3f} ({'kept' if refit['kept'] else 'not kept'})"
         console.print(line)
         if "fused_cos" in fig:
             console.print(f"fused ({fig['fuse_weight']:.2f}·student + anchor): {fig['fused_cos']:.3f}; anchor alone "

@@ -113,6 +113,11 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(poo
     # after the loop the head is refitted on the trained features (no tune split here: kept unconditionally)
     assert full["refit"]["kept"] and full["refit"]["samples"] == 2 and full["refit"]["val_cos"] is not None
     assert [r for r in read_log(tmp_path / "full" / "training_log.jsonl") if r.get("event") == "refit_head"]
+    from rkit_cli.train import _print_summary, console
+
+    with console.capture() as printed:  # what `rkit train` prints at the end
+        _print_summary(full)
+    assert "baseline" in printed.get() and "head refit" in printed.get()
 
     # from here on the response cache must be enough: count generation calls, check the cache file is untouched
     calls = []

@@ -24,7 +24,7 @@ import torch
 from ..errors import TrainError
 from ..paths import rkit_home
 from .data import QuerySplit, load_split
-from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, validate, world
+from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
 from .report import TrainingLog, model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
 from .responses import GenerationConfig, generate_responses
 from .ridge import fit_head, fit_query_anchor
@@ -199,17 +199,16 @@ def stage_refit(encoder, data: LoopData, cfg: TrainConfig, state, out: Path, pro
 
     Kept only if it does at least as well on the tune split as the head the loop ended with."""
     embed = lambda queries, key="embedding": embed_queries(encoder, queries, cfg.eval_batch_size, key)
-    tune_cos = lambda: float((embed(data.tune_queries) * data.tune_targets).sum(-1).mean()) if data.tune_queries else None
-    before = {"tune_cos": tune_cos(), "val_cos": state.last_val.get("val_cos"), "head": encoder.align_proj.state_dict()}
-    before["head"] = {k: v.clone() for k, v in before["head"].items()}
-    n = min(len(data.train_queries), cfg.ridge_samples)
-    with _bar("refitting the head (trained features)", n, progress) as advance:
+    mean_cos = lambda queries, targets: float((embed(queries) * targets).sum(-1).mean()) if queries else None
+    tune_before = mean_cos(data.tune_queries, data.tune_targets)
+    head_before = {k: v.clone() for k, v in encoder.align_proj.state_dict().items()}
+    with _bar("refitting the head (trained features)", min(len(data.train_queries), cfg.ridge_samples), progress) as advance:
         fit = fit_head(encoder, data, cfg, embed, advance)
-    kept = before["tune_cos"] is None or fit["tune_cos"] >= before["tune_cos"]
+    kept = tune_before is None or fit["tune_cos"] >= tune_before
     if not kept:
-        encoder.align_proj.load_state_dict(before["head"])
-    result = {**fit, "kept": kept, "tune_cos_before": before["tune_cos"], "val_cos_before": before["val_cos"],
-              "val_cos": validate(encoder, data, cfg).get("val_cos")}
+        encoder.align_proj.load_state_dict(head_before)
+    result = {**fit, "kept": kept, "tune_cos_before": tune_before, "val_cos_before": state.last_val.get("val_cos"),
+              "val_cos": mean_cos(data.val_queries, data.val_targets)}
     TrainingLog(out / "training_log.jsonl", enabled=world()[0] == 0).write({"step": state.step, "event": "refit_head", **result})
     return result
 
