@@ -344,7 +344,7 @@ def test_torchrun_two_processes_match_one_process(pool, tmp_path):
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--no-python", rkit, "train", *args,
                            "--out", str(tmp_path / "ddp"), "--batch-size", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "Loading" not in l and "Converting" not in l)[-3000:]
     summary = json.loads(proc.stdout)  # one report (rank 0's), not one per rank
     assert summary["world_size"] == 2 and summary["status"] == "finished"
 

@@ -220,7 +220,7 @@ def _prepare_out(out: Path, resume: bool) -> Path:
     """Fail early, in one line, when the adapter folder cannot be written (before any model is loaded)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".rkit-write-test"
+        probe = out / f".rkit-write-test-{os.getpid()}"  # per process: torchrun ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
