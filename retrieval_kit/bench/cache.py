@@ -34,6 +34,11 @@ def text_key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
 
 
+def prompt_tag(prompt: str) -> str:
+    """A system prompt's short tag in cache keys and result file names (the same tag in both)."""
+    return text_key(prompt)[:8]
+
+
 def slug(text: str, max_len: int = 60) -> str:
     keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
     return keep.strip("-")[:max_len] or "x"

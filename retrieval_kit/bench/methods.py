@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import BenchError
-from .cache import TextStore, VectorStore, slug, text_key
+from .cache import TextStore, VectorStore, prompt_tag, slug
 from .datasets import BenchDataset
 from .metrics import Run
 from . import progress
@@ -89,8 +89,8 @@ def generator_key(enc, max_new_tokens: int, system_prompt: str | None = None) ->
     """HyDE answers depend on the backbone, its system prompt and the length, not on the adapter."""
     backbone = _config_value(enc, "backbone")
     if not backbone:
-        return f"{enc.fingerprint}-t{max_new_tokens}" + (f"-{text_key(system_prompt)[:8]}" if system_prompt else "")
-    prompt = text_key(str(system_prompt if system_prompt is not None else _config_value(enc, "system_prompt")))[:8]
+        return f"{enc.fingerprint}-t{max_new_tokens}" + (f"-{prompt_tag(system_prompt)}" if system_prompt else "")
+    prompt = prompt_tag(str(system_prompt if system_prompt is not None else _config_value(enc, "system_prompt")))
     return f"{slug(backbone)}-{prompt}-t{max_new_tokens}"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import slug, text_key
+from .cache import prompt_tag, slug
 from .methods import METHODS
 
 
@@ -17,7 +17,7 @@ def result_stem(results: dict) -> str:
     if results["methods"] != list(METHODS):
         parts.append("+".join(results["methods"]))
     if cfg.get("hyde_system_prompt"):  # HyDE answered under another system prompt: another result
-        parts.append(f"hydesys-{text_key(cfg['hyde_system_prompt'])[:8]}")
+        parts.append(f"hydesys-{prompt_tag(cfg['hyde_system_prompt'])}")
     if cfg.get("limit"):
         parts.append(f"limit{cfg['limit']}")
     return slug("-".join(parts), max_len=200)  # never cut: two configs must not share a file
