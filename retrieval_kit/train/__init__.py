@@ -27,7 +27,7 @@ from .data import QuerySplit, load_split
 from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
 from .report import TrainingLog, model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
 from .responses import GenerationConfig, generate_responses
-from .ridge import fit_head, fit_query_anchor
+from .ridge import fit_head, fit_query_anchor, mean_cos
 from .targets import embed_texts, target_store
 
 __all__ = ["TrainConfig", "train"]
@@ -199,8 +199,8 @@ def stage_refit(encoder, data: LoopData, cfg: TrainConfig, state, out: Path, pro
 
     Kept only if it does at least as well on the tune split as the head the loop ended with."""
     embed = lambda queries, key="embedding": embed_queries(encoder, queries, cfg.eval_batch_size, key)
-    mean_cos = lambda queries, targets: float((embed(queries) * targets).sum(-1).mean()) if queries else None
-    tune_before = mean_cos(data.tune_queries, data.tune_targets)
+    score = lambda queries, targets: mean_cos(embed(queries), targets) if queries else None  # ridge.mean_cos
+    tune_before = score(data.tune_queries, data.tune_targets)
     head_before = {k: v.clone() for k, v in encoder.align_proj.state_dict().items()}
     with _bar("refitting the head (trained features)", min(len(data.train_queries), cfg.ridge_samples), progress) as advance:
         fit = fit_head(encoder, data, cfg, embed, advance)
@@ -208,7 +208,7 @@ def stage_refit(encoder, data: LoopData, cfg: TrainConfig, state, out: Path, pro
     if not kept:
         encoder.align_proj.load_state_dict(head_before)
     result = {**fit, "kept": kept, "tune_cos_before": tune_before, "val_cos_before": state.last_val.get("val_cos"),
-              "val_cos": mean_cos(data.val_queries, data.val_targets)}
+              "val_cos": score(data.val_queries, data.val_targets)}
     TrainingLog(out / "training_log.jsonl", enabled=world()[0] == 0).write({"step": state.step, "event": "refit_head", **result})
     return result
 
