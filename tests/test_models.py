@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -75,16 +74,17 @@ def test_only_adapter_is_trainable(encoder):
     assert n_train == 20 * 576 + 576 * 576 + 576 + 576 * 384 + 384
 
 
-def test_backbone_cache_loads_fast():
-    resolve_backbone(None)  # make sure the one-time dequantisation happened
-    start = time.perf_counter()
+def test_backbone_cache_is_reused_not_rebuilt(monkeypatch):
+    """Once dequantised, the packaged backbone is served from its safetensors cache: a second resolve must not
+    convert the GGUF again (how fast that load is, is a benchmark, not an assert: CI shares two cores)."""
+    import retrieval_kit.models.backbone as backbone_module
+
+    first = resolve_backbone(None)  # make sure the one-time dequantisation happened
+    monkeypatch.setattr(backbone_module, "_dequantise", lambda *a, **k: pytest.fail("dequantised a second time"))
     folder = resolve_backbone("smollm2-135m-instruct")
-    assert time.perf_counter() - start < 1.0
+    assert folder == first
     assert (__import__("pathlib").Path(folder) / "model.safetensors").is_file()
-    load_backbone()  # warm imports
-    start = time.perf_counter()
-    load_backbone()
-    assert time.perf_counter() - start < 3.0  # < 1 s on an idle machine; CI shares its two cores
+    load_backbone()  # loads from the cache without converting
 
 
 @pytest.mark.parametrize("kwargs, needle", [
