@@ -356,7 +356,7 @@ def test_torchrun_two_processes_match_one_process(pool, tmp_path):
     ddp_log, one_log = read_log(tmp_path / "ddp" / "training_log.jsonl"), read_log(tmp_path / "one" / "training_log.jsonl")
     ddp_steps, one_steps = [r for r in ddp_log if "loss" in r], [r for r in one_log if "loss" in r]
     assert ddp_steps[-1]["step"] == one_steps[-1]["step"] == 3
-    # measured noise between the two set-ups: 1.3e-3 relative on the loss (fresh clone, 2 cores); a rank that did not
+    # measured noise between the two set-ups: 1.3e-3 to 2.6e-3 relative on the loss (fresh clones, 2 cores); a rank that did not
     # average its gradients, or trained on the other rank's rows, is off by far more than 1e-2
     assert ddp_steps[-1]["loss"] == pytest.approx(np.mean([r["loss"] for r in one_steps]), rel=1e-2)
     assert ddp_steps[-1]["grad_norm"] == pytest.approx(one_steps[-1]["grad_norm"], rel=3e-2)
