@@ -98,6 +98,7 @@ def _run(bench: str, datasets, label: str, *, methods: str, as_json: bool, out: 
          hyde_tokens: int, device, plot: bool, quiet: bool, data_root=None, extra: dict | None = None,
          hyde_system_prompt: str | None = None) -> None:
     progress.ENABLED = not quiet
+    progress.silence_library_bars()
     outcome = run_benchmark(
         bench, datasets, bench_methods.parse_methods(methods),
         cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, top_k, hyde_system_prompt),
@@ -179,6 +180,7 @@ def mteb_cmd(
     from retrieval_kit.bench.mteb_model import MTEB_METHODS, run_mteb
 
     progress.ENABLED = not quiet
+    progress.silence_library_bars()
     outcome = run_mteb(task, bench_methods.parse_methods(methods, MTEB_METHODS),
                        cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, 100),
                        encoder_loader=_encoder_loader(adapter, device), limit=limit, adapter=adapter, root=data_root,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
 import re
@@ -50,7 +51,7 @@ class FakeEncoder:
     config = {"backbone": "fake-backbone", "teacher": "fake-teacher", "system_prompt": None, "dim": 64}
 
     def __init__(self):
-        self.calls = {"generate": 0, "documents": 0, "generative": 0, "decode": 0}
+        self.calls = {"generate": 0, "documents": 0, "generative": 0, "decode": 0, "teacher_queries": 0}
 
     def _gen(self, texts):
         self.calls["generative"] += len(texts)
@@ -59,6 +60,7 @@ class FakeEncoder:
     def encode_queries(self, texts, mode="generative", fuse_weight=None, batch_size=32, show_progress=False):
         fuse_weight = 0.5 if fuse_weight is None else fuse_weight  # the real encoder: its adapter's fitted weight
         if mode == "teacher":
+            self.calls["teacher_queries"] += len(texts)
             return _bow(texts)
         if mode == "generative":
             return self._gen(texts)
@@ -132,6 +134,38 @@ def test_pytrec_eval_matches_reference_on_random_runs():
         assert rows[q]["recall@10"] == pytest.approx(X.ref_recall(run[q], qrels[q], 10), abs=1e-9)
         assert rows[q]["recall@30"] == pytest.approx(X.ref_recall(run[q], qrels[q], 30), abs=1e-9)
         assert rows[q]["mrr@10"] == pytest.approx(X.ref_mrr(run[q], qrels[q], 10), abs=1e-9)
+
+
+def test_ties_rank_as_trec_eval_ranks_them_for_every_metric():
+    run, qrels = {"q": {"a": 1.0, "b": 1.0, "c": 0.5}}, {"q": {"a": 1}}
+    got = X.evaluate_run(run, qrels, ["mrr@1", "ndcg@1", "recall@1", "mrr@10", "ndcg@10"])
+    # trec_eval puts b before a (ties: doc id descending): a is at rank 2 for every metric
+    assert got["mrr@1"] == got["ndcg@1"] == got["recall@1"] == 0.0
+    assert got["mrr@10"] == 0.5 and got["ndcg@10"] == pytest.approx(1 / np.log2(3))
+    assert X.ranked(run["q"]) == ["b", "a", "c"]
+
+
+def test_ties_at_the_cut_boundary():
+    # d2, d10, d9 tie after d0; trec_eval orders them d9, d2, d10 (strcmp, descending): the gold d2 is at rank 3
+    run, qrels = {"q": {"d0": 3.0, "d2": 1.0, "d10": 1.0, "d9": 1.0, "d5": 0.1}}, {"q": {"d2": 1}}
+    got = X.evaluate_run(run, qrels, ["mrr@2", "recall@2", "ndcg@2", "mrr@3", "recall@3", "ndcg@3"])
+    assert got["mrr@2"] == got["recall@2"] == got["ndcg@2"] == 0.0
+    assert got["mrr@3"] == pytest.approx(1 / 3) and got["recall@3"] == 1.0
+    assert got["ndcg@3"] == pytest.approx(0.5)  # 1/log2(4)
+    assert X.ref_mrr(run["q"], qrels["q"], 3) == pytest.approx(1 / 3)
+    # the ranking cut in methods.top_k keeps the same documents the metrics rank first
+    row = np.array([3.0, 1.0, 1.0, 1.0, 0.1], dtype=np.float32)
+    assert set(M.top_k(row, 3, ["d0", "d2", "d10", "d9", "d5"])) == {"d0", "d9", "d2"}
+    assert set(M.top_k(row, 2, ["d0", "d2", "d10", "d9", "d5"])) == {"d0", "d9"}
+    assert set(M.top_k(row, 3, ["d0", "d2", "d10", "d9", "d5"], drop=np.array([3]))) == {"d0", "d2", "d10"}
+
+
+def test_harm_metrics_break_ties_like_trec_eval():
+    qrels, harmful = {"a": {"h1": 1}}, {"h1"}
+    run = {"a": {"h1": 0.5, "w1": 0.5}}  # tied: w1 ranks first (doc id descending)
+    got = X.harm_metrics(run, qrels, harmful, ks=(1, 2))
+    assert got["top_k_acc@1"] == 0.0 and got["top_k_any_harm@1"] == 0.0 and got["top_k_acc@2"] == 1.0
+    assert X.evaluate_run(run, qrels, ["recall@1"])["recall@1"] == got["top_k_acc@1"]
 
 
 def test_harm_metrics_hand_computed():
@@ -239,22 +273,59 @@ def test_bright_local_jsonl_documents(tmp_path):
     assert ds.corpus["leetcode/leetcode_2.txt"] == {"title": "", "text": "problem 2"}
 
 
-def test_vector_store_computes_only_new_texts(tmp_path):
-    from retrieval_kit.bench.cache import VectorStore
+def test_limited_run_fills_part_of_the_cache_the_full_run_reuses(fake, tmp_path):
+    ds = D.load_beir(BEIR_TINY)
+    small = M.MethodRunner(ds.limit(2), M.MethodConfig(), tmp_path, lambda: fake)
+    small.run("teacher")
+    assert fake.calls["teacher_queries"] == 2 and fake.calls["documents"] == 10
+    full = M.MethodRunner(ds, M.MethodConfig(), tmp_path, lambda: fake)
+    run = full.run("teacher")
+    assert fake.calls["teacher_queries"] == 4 and fake.calls["documents"] == 10  # only q3, q4 were new
+    assert full.computed is True and full.doc_stats["cached"] is True
+    assert run == M.MethodRunner(ds, M.MethodConfig(), tmp_path / "fresh", lambda: FakeEncoder()).run("teacher")
+    assert [p.name for p in tmp_path.iterdir() if p.is_file() and not p.name.endswith(("-wal", "-shm"))] == \
+        ["cache.sqlite3"]
 
-    seen = []
 
-    def compute(texts):
-        seen.extend(texts)
-        return _bow(texts)
+class _TeacherAt(FakeEncoder):
+    """A fake encoder whose teacher is a folder on disk; `sign` tells two teachers' vectors apart."""
 
-    store = VectorStore(tmp_path / "v", chunk=2)
-    a, cached = store.get(["x", "y", "z"], compute)
-    assert not cached and seen == ["x", "y", "z"] and len(list((tmp_path / "v").glob("*.npy"))) == 2
-    b, cached = VectorStore(tmp_path / "v").get(["z", "w", "x", "x"], compute)
-    assert not cached and seen == ["x", "y", "z", "w"]
-    assert np.allclose(b[0], a[2]) and np.allclose(b[2], a[0]) and np.allclose(b[2], b[3])
-    assert VectorStore(tmp_path / "v").get(["w"], compute)[1] is True
+    def __init__(self, folder, sign=1.0):
+        super().__init__()
+        self.config = {**FakeEncoder.config, "teacher": str(folder)}
+        self.sign = sign
+
+    def encode_documents(self, texts, mode="teacher", batch_size=64, show_progress=False):
+        return self.sign * super().encode_documents(texts, mode, batch_size, show_progress)
+
+
+def test_teachers_whose_paths_share_a_long_prefix_do_not_share_vectors(tmp_path):
+    stem = "teachers/" + "sentence-transformers-all-minilm-l6-v2-finetuned-" * 2  # > 60 characters in common
+    one, two = tmp_path / (stem + "run1"), tmp_path / (stem + "run2")
+    for folder in (one, two):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    ds = D.load_beir(BEIR_TINY)
+    enc1, enc2 = _TeacherAt(one), _TeacherAt(two, sign=-1.0)
+    docs1 = M.MethodRunner(ds, M.MethodConfig(), tmp_path / "c", lambda: enc1).doc_matrix()
+    docs2 = M.MethodRunner(ds, M.MethodConfig(), tmp_path / "c", lambda: enc2).doc_matrix()
+    assert enc2.calls["documents"] == 10
+    np.testing.assert_allclose(docs2, -docs1)
+    # the same path retrained in place (its files changed): its old vectors are not reused either
+    (one / "config.json").write_text('{"retrained": true}')
+    enc3 = _TeacherAt(one, sign=-1.0)
+    np.testing.assert_allclose(M.MethodRunner(ds, M.MethodConfig(), tmp_path / "c", lambda: enc3).doc_matrix(), docs2)
+    assert enc3.calls["documents"] == 10
+
+
+def test_damaged_bm25_index_is_rebuilt(tmp_path):
+    ds = D.load_beir(BEIR_TINY)
+    runner = M.MethodRunner(ds, M.MethodConfig(), tmp_path, lambda: None)
+    first = runner.run("bm25")
+    (params,) = tmp_path.glob("*/bm25-*/params.index.json")
+    params.write_text("{torn")
+    assert M.MethodRunner(ds, M.MethodConfig(), tmp_path, lambda: None).run("bm25") == first
+    assert not list(tmp_path.glob("*/bm25-*.tmp*"))
 
 
 def test_bright_domain_names():
@@ -309,7 +380,7 @@ def test_dense_methods_share_cached_inputs(fake, tmp_path):
     assert fake.calls["documents"] == 10 and fake.calls["generate"] == 4
     assert second.doc_stats["cached"] is True
     M.MethodRunner(ds, cfg, tmp_path, lambda: fake).run("bm25")
-    assert any(p.name.startswith("bm25-") for p in next(tmp_path.iterdir()).iterdir())
+    assert len(list(tmp_path.glob("beir_tiny-*/bm25-*/params.index.json"))) == 1
 
 
 def test_generative_doc_encoder(fake, tmp_path):
@@ -333,7 +404,10 @@ def test_run_benchmark_bm25_only_never_loads_the_encoder(tmp_path):
     out = run_benchmark("beir", [D.load_beir(BEIR_TINY)], ["bm25"], cfg=M.MethodConfig(), encoder_loader=boom,
                         cache_root=tmp_path, label="beir_tiny")
     res = out.results
-    assert res["encoder"] is None and res["summary"]["bm25"]["ndcg@10"] > 0.5
+    assert res["encoder"] is None
+    # beir_tiny is made so BM25 ranks a gold document first for every query
+    assert res["summary"]["bm25"]["mrr@10"] == 1.0 and res["summary"]["bm25"]["recall@100"] == 1.0
+    assert res["summary"]["bm25"]["ndcg@10"] == pytest.approx(0.9799, abs=1e-4)
     assert set(res["datasets"]["beir_tiny"]["results"]["bm25"]["metrics"]) == set(X.BEIR_METRICS)
 
 
@@ -403,6 +477,32 @@ def test_cli_advbench_smoke(fake, tmp_path):
     assert set(res["summary"]["teacher"]) >= {"top_k_acc@1", "top_k_acc@100", "top_k_any_harm@5"}
     assert res["datasets"]["advbench_ir+cacm"]["n_docs"] == 5000
     assert Path(res["files"]["plot"]).stat().st_size > 1000
+
+
+def test_cli_damaged_cache_is_a_one_line_error(fake, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cache.sqlite3").write_bytes(b"\x00garbage, not SQLite" * 64)
+    r = _invoke(["beir", str(BEIR_TINY), "--methods", "teacher", "--out", str(tmp_path / "o"),
+                 "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "cache.sqlite3 is unreadable" in r.output and "delete it" in r.output
+
+
+TQDM_BAR = re.compile(r"it/s\]|\|█|examples/s\]")
+
+
+def test_cli_shows_no_third_party_progress_bars(fake, tmp_path, monkeypatch):
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        monkeypatch.setenv(var, "0")  # the command sets them; the test's teardown restores the environment
+    r = _invoke(["beir", str(BEIR_TINY), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
+                 "--no-plot"])
+    assert r.exit_code == 0, r.output
+    assert "indexing 10 documents with BM25" in r.stderr and not TQDM_BAR.search(r.stderr), r.stderr
+    if importlib.util.find_spec("mteb"):
+        r = _invoke(["mteb", "--task", f"beir:{BEIR_TINY}", "--methods", "teacher", "--out", str(tmp_path / "o"),
+                     "--no-plot"])
+        assert r.exit_code == 0, r.output
+        assert "mteb RkitLocal-beir_tiny: teacher" in r.stderr and not TQDM_BAR.search(r.stderr), r.stderr
 
 
 def test_cli_bad_options(fake, tmp_path):

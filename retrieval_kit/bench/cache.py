@@ -1,126 +1,73 @@
-"""On-disk caches that make a rerun with another method cheap.
+"""What the benchmarks cache, and under which identity, so a rerun with another method is cheap.
 
-Layout under the cache root (default `$RKIT_HOME/bench`, `--cache-dir` overrides):
+Under the cache root (default `$RKIT_HOME/bench`, `--cache-dir` overrides):
 
-    <dataset name>-<corpus hash>/
-        docs-<space>/part-0000.npy + part-0000.keys.json   document vectors (append-only parts)
-        queries-<space>/...                                 query / HyDE-answer vectors
-        answers-<generator key>.jsonl                        HyDE answers, one line per query text
-        bm25-<params>/                                       the bm25s index
+    cache.sqlite3                            document and query vectors, HyDE answers (retrieval_kit/cache_store.py)
+    <dataset>-<corpus hash>/bm25-<params>/   the bm25s index (bm25s's own format; written aside, then renamed)
 
-`space` names what produced a vector: `teacher-<name>` (shared by every adapter) or `gen-<fingerprint>`.
-Keys are hashes of the exact text, so a `--limit 5` run fills part of the cache a full run then reuses.
-Parts are written as they are computed: an interrupted embedding run keeps what it finished.
+A vector is keyed by what produced it — the teacher (its name, resolved path and a digest of its files: shared by
+every adapter on that teacher) or the generative encoder (adapter fingerprint + backbone identity) — by its role
+(document or query), and by the sha256 of the exact text. HyDE answers are keyed by the backbone identity, the
+system prompt and the generation settings. So a `--limit 5` run fills part of what a full run then reuses, an
+interrupted run keeps every batch it finished, and two benches may run at once on one cache.
+
+Folders written by earlier rkit versions (`docs-*/part-*.npy`, `queries-*/`, `answers-*.jsonl`) are ignored:
+delete them to reclaim the space.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import inspect
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
-import numpy as np
-
+from ..cache_store import CacheStore, TextNamespace, VectorNamespace, backbone_identity, teacher_identity
+from ..errors import BenchError
 from ..paths import rkit_home
-from .progress import stage
 
 
 def default_cache_root() -> Path:
     return rkit_home() / "bench"
 
 
-def text_key(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
-
-
-def prompt_tag(prompt: str) -> str:
-    """A system prompt's short tag in cache keys and result file names (the same tag in both)."""
-    return text_key(prompt)[:8]
-
-
 def slug(text: str, max_len: int = 60) -> str:
+    """A readable file-name part; never the only key of anything (a hash or the full text goes with it)."""
     keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
     return keep.strip("-")[:max_len] or "x"
 
 
-class VectorStore:
-    """text -> vector, stored as numbered parts; `get` computes only the texts not stored yet."""
-
-    def __init__(self, folder: Path, chunk: int = 2048):  # one part per chunk: also the progress step
-        self.folder = Path(folder)
-        self.chunk = chunk
-
-    def _load(self) -> dict[str, np.ndarray]:
-        rows: dict[str, np.ndarray] = {}
-        for keys_file in sorted(self.folder.glob("part-*.keys.json")):
-            matrix_file = keys_file.with_name(keys_file.name.replace(".keys.json", ".npy"))
-            if not matrix_file.is_file():
-                continue  # a part whose matrix never got written: recompute those texts
-            keys = json.loads(keys_file.read_text())
-            matrix = np.load(matrix_file)
-            rows.update(zip(keys, matrix))
-        return rows
-
-    def _write_part(self, keys: list[str], matrix: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        n = len(list(self.folder.glob("part-*.npy")))
-        stem = self.folder / f"part-{n:04d}"
-        np.save(stem.with_suffix(".npy"), matrix.astype(np.float32))
-        (self.folder / f"part-{n:04d}.keys.json").write_text(json.dumps(keys))
-
-    def get(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray],
-            description: str = "embedding") -> tuple[np.ndarray, bool]:
-        """Vectors for `texts` in order, and whether all came from the cache."""
-        stored = self._load()
-        keys = [text_key(t) for t in texts]
-        todo = list(dict.fromkeys(k for k in keys if k not in stored))
-        first = {k: t for k, t in zip(keys, texts)}
-        with stage(description, len(todo)) as advance:
-            for start in range(0, len(todo), self.chunk):
-                part = todo[start:start + self.chunk]
-                matrix = np.asarray(compute([first[k] for k in part]), dtype=np.float32)
-                self._write_part(part, matrix)
-                stored.update(zip(part, matrix))
-                advance(len(part))
-        if not keys:
-            return np.zeros((0, 0), dtype=np.float32), not todo
-        return np.stack([stored[k] for k in keys]).astype(np.float32), not todo
+def open_store(cache_root: Path) -> CacheStore:
+    return CacheStore.in_folder(cache_root, BenchError)
 
 
-class TextStore:
-    """text -> generated text (HyDE answers), one JSON line per answer, appended as produced."""
+def config_value(enc, key: str) -> Any:
+    config = getattr(enc, "config", None)
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
-    def __init__(self, path: Path, chunk: int = 64):
-        self.path = Path(path)
-        self.chunk = chunk
 
-    def _load(self) -> dict[str, str]:
-        if not self.path.is_file():
-            return {}
-        out = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
-            out[row["key"]] = row["answer"]
-        return out
+def vector_identity(enc, mode: str) -> dict:
+    """What a vector depends on: the teacher alone (mode "teacher"), or the adapter and its backbone."""
+    teacher = config_value(enc, "teacher")
+    if mode == "teacher" and teacher:
+        return {"encoder": "teacher", "teacher": teacher_identity(str(teacher))}
+    backbone = config_value(enc, "backbone")
+    return {"encoder": mode, "fingerprint": enc.fingerprint,
+            "backbone": backbone_identity(str(backbone)) if backbone else None}
 
-    def get(self, texts: Sequence[str], compute: Callable[[list[str]], list[str]],
-            description: str = "generating") -> tuple[list[str], bool]:
-        stored = self._load()
-        keys = [text_key(t) for t in texts]
-        todo = list(dict.fromkeys(k for k in keys if k not in stored))
-        first = {k: t for k, t in zip(keys, texts)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with stage(description, len(todo)) as advance:
-            for start in range(0, len(todo), self.chunk):
-                part = todo[start:start + self.chunk]
-                answers = compute([first[k] for k in part])
-                with open(self.path, "a", encoding="utf-8") as fh:
-                    for k, a in zip(part, answers):
-                        fh.write(json.dumps({"key": k, "answer": a}, ensure_ascii=False) + "\n")
-                stored.update(zip(part, answers))
-                advance(len(part))
-        return [stored[k] for k in keys], not todo
+
+def vectors(store: CacheStore, enc, mode: str, role: str) -> VectorNamespace:
+    """`role`: "documents" or "queries" (encoded by encode_documents / encode_queries)."""
+    return store.vectors(f"bench-{role}", vector_identity(enc, mode))
+
+
+def hyde_answers(store: CacheStore, enc, max_new_tokens: int, system_prompt: str | None) -> TextNamespace:
+    """HyDE answers depend on the backbone, the system prompt and the generation settings, not on the adapter."""
+    from ..models.generation import generate_batch  # its defaults are the settings enc.generate leaves alone
+
+    settings = {k: p.default for k, p in inspect.signature(generate_batch).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    prompt = system_prompt if system_prompt is not None else config_value(enc, "system_prompt")
+    settings.update(max_new_tokens=max_new_tokens, system_prompt=prompt)
+    backbone = config_value(enc, "backbone")
+    model = {"backbone": backbone_identity(str(backbone))} if backbone else {"fingerprint": enc.fingerprint}
+    return store.texts("bench-hyde", {**model, "generation": settings})

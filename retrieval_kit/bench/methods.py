@@ -15,6 +15,8 @@ encoder with doc_encoder="generative"), computed once and cached (see cache.py).
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -23,10 +25,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import BenchError
-from .cache import TextStore, VectorStore, prompt_tag, slug
+from . import cache
+from .cache import config_value, slug
 from .datasets import BenchDataset
 from .metrics import Run
-from . import progress
 from .progress import note, stage
 
 METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")
@@ -74,26 +76,6 @@ def encoder_info(enc) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def _config_value(enc, key: str) -> Any:
-    config = getattr(enc, "config", None)
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-
-
-def teacher_space(enc) -> str:
-    """Teacher vectors depend on the teacher only: every adapter on the same teacher reuses them."""
-    name = _config_value(enc, "teacher")
-    return f"teacher-{slug(name)}" if name else f"gen-{enc.fingerprint}"
-
-
-def generator_key(enc, max_new_tokens: int, system_prompt: str | None = None) -> str:
-    """HyDE answers depend on the backbone, its system prompt and the length, not on the adapter."""
-    backbone = _config_value(enc, "backbone")
-    if not backbone:
-        return f"{enc.fingerprint}-t{max_new_tokens}" + (f"-{prompt_tag(system_prompt)}" if system_prompt else "")
-    prompt = prompt_tag(str(system_prompt if system_prompt is not None else _config_value(enc, "system_prompt")))
-    return f"{slug(backbone)}-{prompt}-t{max_new_tokens}"
-
-
 def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
@@ -101,13 +83,21 @@ def normalise(x: np.ndarray) -> np.ndarray:
 # ---- ranking -----------------------------------------------------------------------------------
 
 def top_k(row: np.ndarray, k: int, doc_ids: list[str], drop: np.ndarray | None = None) -> dict[str, float]:
-    """The k best documents of one score row, excluded indices removed first (BRIGHT's rule)."""
+    """The k best documents of one score row, excluded indices removed first (BRIGHT's rule).
+
+    Documents tied with the k-th score are kept in trec_eval's tie order (metrics.ranked: higher doc id
+    first), so the kept set is the top k of the ranking the metrics then compute on."""
     if drop is not None and len(drop):
         row = row.copy()
         row[drop] = -np.inf
     k = min(k, len(row))
-    idx = np.argpartition(-row, k - 1)[:k]
-    return {doc_ids[i]: float(row[i]) for i in idx if np.isfinite(row[i])}
+    if k == 0:
+        return {}
+    kth = row[np.argpartition(-row, k - 1)[k - 1]]
+    keep = list(np.flatnonzero(row > kth))
+    tied = sorted(np.flatnonzero(row == kth), key=lambda i: doc_ids[i], reverse=True)
+    keep += tied[:k - len(keep)]
+    return {doc_ids[i]: float(row[i]) for i in keep if np.isfinite(row[i])}
 
 
 def _drop_indices(excluded: dict[str, set[str]], doc_index: dict[str, int]) -> dict[str, np.ndarray]:
@@ -146,12 +136,26 @@ def bm25_index(ds: BenchDataset, folder: Path):
     stemmer = bm25_stemmer()
     path = folder / f"bm25-k1_{BM25_PARAMS['k1']}-b_{BM25_PARAMS['b']}-{'stem' if stemmer else 'nostem'}"
     if (path / "params.index.json").is_file():
-        return bm25s.BM25.load(str(path)), True
+        try:
+            return bm25s.BM25.load(str(path)), True
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # damaged by hand or by a disk problem: build it again
+            note(f"the cached BM25 index {path} is unreadable ({type(exc).__name__}): rebuilding it")
     note(f"indexing {len(ds.corpus):,} documents with BM25")
-    tokens = bm25s.tokenize(ds.doc_texts(), stopwords="en", stemmer=stemmer, show_progress=progress.ENABLED)
+    # bm25s's own progress bars are tqdm bars: rkit shows only its own (see progress.py)
+    tokens = bm25s.tokenize(ds.doc_texts(), stopwords="en", stemmer=stemmer, show_progress=False)
     model = bm25s.BM25(**BM25_PARAMS)
-    model.index(tokens, show_progress=progress.ENABLED)
-    model.save(str(path), show_progress=False)
+    model.index(tokens, show_progress=False)
+    # written aside and renamed: a killed run or a concurrent bench never leaves a half-written index behind
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(str(tmp), show_progress=False)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "params.index.json").is_file():  # not just another bench that renamed its copy first
+            raise BenchError(f"cannot write the BM25 index {path}: {exc.strerror or exc}") from None
     return model, False
 
 
@@ -178,7 +182,8 @@ class MethodRunner:
         if cfg.doc_encoder not in DOC_ENCODERS:
             raise BenchError(f"unknown doc encoder '{cfg.doc_encoder}' (use {', '.join(DOC_ENCODERS)})")
         self.ds, self.cfg, self._encoder = ds, cfg, encoder
-        self.folder = Path(cache_root) / f"{slug(ds.name)}-{ds.corpus_hash()}"
+        self.store = cache.open_store(Path(cache_root))
+        self.folder = Path(cache_root) / f"{slug(ds.name)}-{ds.corpus_hash()}"  # the BM25 index
         self.qids = list(ds.queries)
         self.texts = [ds.queries[q] for q in self.qids]
         self._docs: np.ndarray | None = None
@@ -191,32 +196,32 @@ class MethodRunner:
         return self._encoder()
 
     # -- shared inputs --
-    def _vectors(self, kind: str, space: str, texts: list[str], compute, description: str) -> np.ndarray:
-        vectors, cached = VectorStore(self.folder / f"{kind}-{space}").get(texts, compute, description)
+    def _vectors(self, mode: str, role: str, texts: list[str], compute, description: str) -> tuple[np.ndarray, bool]:
+        """Vectors from the cache, computing only the missing ones; and whether all came from the cache."""
+        return cache.vectors(self.store, self.enc, mode, role).get(texts, compute,
+                                                                   stage=lambda n: stage(description, n))
+
+    def _queries(self, mode: str, texts: list[str], description: str) -> np.ndarray:
+        bs = self.cfg.batch_size
+        vectors, cached = self._vectors(mode, "queries", texts,
+                                        lambda t: self.enc.encode_queries(t, mode=mode, batch_size=bs), description)
         self.computed |= not cached
         return vectors
 
     def _teacher(self, texts: list[str], description: str) -> np.ndarray:
-        bs = self.cfg.batch_size
-        return self._vectors("queries", teacher_space(self.enc), texts,
-                             lambda t: self.enc.encode_queries(t, mode="teacher", batch_size=bs), description)
+        return self._queries("teacher", texts, description)
 
     def _generative(self, texts: list[str]) -> np.ndarray:
-        bs = self.cfg.batch_size
-        return self._vectors("queries", f"gen-{self.enc.fingerprint}", texts,
-                             lambda t: self.enc.encode_queries(t, mode="generative", batch_size=bs),
-                             "rkit query embeddings")
+        return self._queries("generative", texts, "rkit query embeddings")
 
     def doc_matrix(self) -> np.ndarray:
-        """The one document matrix every dense method scores against."""
+        """The one document matrix every dense method scores against (timed apart: not in `computed`)."""
         if self._docs is None:
             mode, bs = self.cfg.doc_encoder, self.cfg.batch_size
-            space = teacher_space(self.enc) if mode == "teacher" else f"gen-{self.enc.fingerprint}"
             start = time.perf_counter()
-            store = VectorStore(self.folder / f"docs-{space}")
-            self._docs, cached = store.get(self.ds.doc_texts(),
-                                           lambda t: self.enc.encode_documents(t, mode=mode, batch_size=bs),
-                                           f"embedding {len(self.ds.corpus):,} documents ({mode})")
+            self._docs, cached = self._vectors(mode, "documents", self.ds.doc_texts(),
+                                               lambda t: self.enc.encode_documents(t, mode=mode, batch_size=bs),
+                                               f"embedding {len(self.ds.corpus):,} documents ({mode})")
             self.doc_stats = {"doc_encoder": mode, "wall_s": round(time.perf_counter() - start, 3),
                               "cached": cached, "n_docs": len(self._docs)}
         return self._docs
@@ -225,11 +230,11 @@ class MethodRunner:
         if self.answers is None:
             n, bs = self.cfg.hyde_max_new_tokens, max(1, min(self.cfg.batch_size, 16))
             system = self.cfg.hyde_system_prompt
-            store = TextStore(self.folder / f"answers-{generator_key(self.enc, n, system)}.jsonl", chunk=bs)
             extra = {"system_prompt": system} if system is not None else {}
-            self.answers, cached = store.get(self.texts,
-                                             lambda t: self.enc.generate(t, max_new_tokens=n, batch_size=bs, **extra),
-                                             "HyDE: generating answers")
+            ns = cache.hyde_answers(self.store, self.enc, n, system)
+            self.answers, cached = ns.get(self.texts,
+                                          lambda t: self.enc.generate(t, max_new_tokens=n, batch_size=bs, **extra),
+                                          chunk=bs, stage=lambda total: stage("HyDE: generating answers", total))
             self.computed |= not cached
         return self.answers
 
@@ -238,7 +243,7 @@ class MethodRunner:
         """The --fuse-weight given, else the adapter's fitted weight (0.5 for adapters without one)."""
         if self.cfg.fuse_weight is not None:
             return self.cfg.fuse_weight
-        fitted = _config_value(self.enc, "fuse_weight")
+        fitted = config_value(self.enc, "fuse_weight")
         return 0.5 if fitted is None else float(fitted)
 
     def query_vectors(self, method: str) -> np.ndarray:

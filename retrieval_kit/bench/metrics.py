@@ -33,11 +33,14 @@ def parse_metric(name: str) -> tuple[str, int]:
 
 
 def ranked(scores: dict[str, float]) -> list[str]:
-    """Doc ids best first; ties broken by doc id so every metric sees the same order."""
-    return [d for d, _ in sorted(scores.items(), key=lambda x: (-x[1], x[0]))]
+    """Doc ids best first, in trec_eval's order: by score, ties by doc id *descending* (trec_eval sorts on
+    (score, docno) both descending). Every metric here — the cut for MRR@k, AdvBench's acc@k / harm@k, the top 5 in
+    explanations, methods.top_k's cut — uses this order, so they all agree with the nDCG/recall pytrec_eval gives."""
+    return [d for d, _ in sorted(scores.items(), key=lambda x: (x[1], x[0]), reverse=True)]
 
 
 def cut(run: Run, k: int) -> Run:
+    """The first k of each ranking (trec_eval has no recip_rank@k: MRR@k is recip_rank over this cut run)."""
     return {q: {d: docs[d] for d in ranked(docs)[:k]} for q, docs in run.items()}
 
 

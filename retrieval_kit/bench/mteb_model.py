@@ -17,8 +17,7 @@ import numpy as np
 from ..errors import BenchError
 from .datasets import BenchDataset, data_root, load_beir
 from .methods import MethodConfig, encoder_info, normalise
-from . import progress
-from .progress import note
+from .progress import note, stage
 from .runner import BenchOutcome, LazyEncoder, git_commit, machine_info, summarise
 
 MTEB_METHODS = ("teacher", "hyde", "hydeq", "rkit", "fused")
@@ -57,15 +56,27 @@ class RkitMtebEncoder:
         texts = [t for batch in inputs for t in batch["text"]]
         # Documents (retrieval corpora) go through the doc encoder; everything else is a query-side text.
         if prompt_type is not None and str(getattr(prompt_type, "value", prompt_type)) == "document":
-            return self.enc.encode_documents(texts, mode=self.cfg.doc_encoder, batch_size=self.cfg.batch_size,
-                                             show_progress=progress.ENABLED)
-        return self.encode_queries(texts)
+            encode = lambda chunk: self.enc.encode_documents(chunk, mode=self.cfg.doc_encoder,
+                                                             batch_size=self.cfg.batch_size)
+            return _with_bar(texts, encode, f"mteb: embedding {len(texts):,} documents")
+        return _with_bar(texts, self.encode_queries, f"mteb: {self.method} queries")
 
     def similarity(self, a, b):
         return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32).T  # unit vectors: cosine
 
     def similarity_pairwise(self, a, b):
         return (np.asarray(a, dtype=np.float32) * np.asarray(b, dtype=np.float32)).sum(-1)
+
+
+def _with_bar(texts: list[str], encode: Callable[[list[str]], np.ndarray], description: str,
+              chunk: int = 256) -> np.ndarray:
+    """Encode in chunks under one of rkit's bars (mteb's and sentence-transformers' tqdm bars stay off)."""
+    parts = []
+    with stage(description, len(texts)) as advance:
+        for start in range(0, len(texts), chunk):
+            parts.append(np.asarray(encode(texts[start:start + chunk]), dtype=np.float32))
+            advance(len(parts[-1]))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
 def model_meta(enc, method: str, cfg: MethodConfig):
@@ -159,8 +170,9 @@ def run_mteb(task_names: list[str], methods: list[str], *, cfg: MethodConfig, en
         for method in methods:
             note(f"mteb {name}: {method}")
             start = time.perf_counter()
-            res = mteb.evaluate(RkitMtebEncoder(encoder(), method, cfg), task, cache=None,
-                                show_progress_bar=progress.ENABLED, encode_kwargs={"batch_size": cfg.batch_size})
+            # mteb's own bars are tqdm bars: off (rkit's bars come from RkitMtebEncoder.encode)
+            res = mteb.evaluate(RkitMtebEncoder(encoder(), method, cfg), task, cache=None, show_progress_bar=False,
+                                encode_kwargs={"batch_size": cfg.batch_size, "show_progress_bar": False})
             wall = time.perf_counter() - start
             entry["results"][method] = {"metrics": _scores(res.task_results[0], metrics), "wall_s": round(wall, 3)}
         per_task[name] = entry

@@ -1,7 +1,13 @@
-"""Progress bars and status lines for long benchmark stages, always on stderr (stdout may carry --json)."""
+"""Progress bars and status lines for long benchmark stages, always on stderr (stdout may carry --json).
+
+Only rkit's own (rich) bars show: `silence_library_bars()` turns off the tqdm bars that sentence-transformers,
+transformers, huggingface_hub, datasets, mteb and bm25s would otherwise print between them.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -9,7 +15,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
-ENABLED = True  # the CLI turns this off with --quiet; tests leave it on (nothing renders off a terminal)
+ENABLED = True  # the CLI turns this off with --quiet; off a terminal the bars are off anyway (status lines stay)
+
+# read by each library when it is imported (tqdm's TQDM_* overrides reach every tqdm bar: mteb, bm25s, ...)
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def silence_library_bars() -> None:
+    """Third-party progress bars off, for libraries imported from now on and for those already imported."""
+    os.environ.update(_QUIET_ENV)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def note(message: str) -> None:
@@ -21,7 +47,8 @@ def note(message: str) -> None:
 def stage(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """`with stage("scoring", n) as advance: ... advance(batch)` — one transient bar per stage."""
     bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=console, transient=True, disable=not ENABLED)
+                   TimeRemainingColumn(), console=console, transient=True,
+                   disable=not ENABLED or not console.is_terminal)  # off a terminal a bar only prints blank lines
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)

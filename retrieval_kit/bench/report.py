@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .cache import prompt_tag, slug
+from .cache import slug
 from .methods import METHODS
+
+
+def prompt_tag(prompt: str) -> str:
+    """A system prompt's short tag in result file names (8 hex of its sha1: the names earlier versions wrote)."""
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
 
 
 def result_stem(results: dict) -> str:
