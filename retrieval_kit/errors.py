@@ -27,6 +27,12 @@ class IndexError_(RkitError):
     """An index is missing, corrupt, or does not match the encoder used to open it."""
 
 
+class IndexLockedError(IndexError_):
+    """Another process is writing this index (one writer at a time)."""
+
+    exit_code = 3
+
+
 class IndexMismatchError(IndexError_):
     """The index was built with a different encoder (fingerprint or dimension differ)."""
 

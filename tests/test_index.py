@@ -59,9 +59,10 @@ def test_create_open_round_trip_and_manifest(tmp_path):
     assert manifest["encoder"] == ENCODER and manifest["chunking"] == {"size": 200}
     assert manifest["counts"] == {"documents": 4, "chunks": 12}
     assert manifest["created"].endswith("Z") and manifest["updated"] >= manifest["created"]
-    assert {p.name for p in (tmp_path / "kb").iterdir()} == {"manifest.json", "docs.sqlite", "faiss.index"}
+    assert {p.name for p in (tmp_path / "kb").iterdir()} == {"manifest.json", "docs.sqlite", "faiss.index",
+                                                             ".rkit-index", ".rkit-writer.lock"}
 
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb") as index:  # a reader
         assert index.manifest["encoder"] == ENCODER
         assert (index.count_documents(), index.count_chunks()) == (4, 12)
         info = index.info()
@@ -163,7 +164,7 @@ def test_delete_documents(tmp_path, kw):
         assert "d3" not in index.doc_hashes()
         hits = index.search(items[3][4][0], k=24)[0]
         assert len(hits) == 24 and not {h.doc_id for h in hits} & {"d3", "d4"}
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb", writable=True) as index:
         assert index.backend.count() == 24
 
 
@@ -183,7 +184,7 @@ def test_hnsw_delete_rebuilds_from_store(tmp_path):
         assert index.backend.needs_rebuild  # HNSW cannot remove ids
         assert all(h.doc_id != "d0" for h in index.search(items[0][4][0], k=10)[0])
         assert not index.backend.needs_rebuild and index.backend.count() == 57
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb", writable=True) as index:
         assert index.backend.count() == 57
         assert index.search(items[5][4][1], k=1)[0][0].chunk_id == "d5#1"
 
@@ -197,26 +198,30 @@ def test_ivf_trains_on_stored_vectors(tmp_path):
         index.delete_documents(["d50"])  # IVF removes ids in place
         index.upsert_document(*doc("new", unit(2, seed=7)))  # trained now: added directly
         assert not index.backend.needs_rebuild and index.backend.count() == 398
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb", writable=True) as index:
         assert index.backend.index.is_trained and index.count_chunks() == 398
 
 
-def test_ivf_with_too_few_vectors_is_a_clear_error(tmp_path):
-    index = make(tmp_path, factory="IVF64,Flat")
-    index.upsert_documents(corpus(5))  # 15 vectors < 64 lists
-    with pytest.raises(IndexError_) as exc:
-        index.save()
-    assert_one_line(exc, "kb", "IVF64,Flat", "15 vectors", "Flat")
-    index.close()
-    # the documents are safe in the doc store; the index opens, explains on search, and trains once big enough
+def test_ivf_with_too_few_vectors_serves_exact_search_until_it_can_train(tmp_path):
+    """IVF64 on 15 vectors cannot train: an exact stand-in serves (never a stuck index), the real factory once big enough."""
+    with make(tmp_path, factory="IVF64,Flat") as index:
+        index.upsert_documents(corpus(5))  # 15 vectors < 64 lists
+        assert index.search(corpus(5)[3][4][1], k=1)[0][0].chunk_id == "d3#1"
+    with Index.open(tmp_path / "kb") as index:  # a reader: opens, searches, reports the stand-in
+        assert index.info()["exact_standin"] is True and index.info()["vectors"] == 15
+        assert index.search(corpus(5)[4][4][2], k=1)[0][0].chunk_id == "d4#2"
+    with Index.open(tmp_path / "kb", writable=True) as index:
+        index.upsert_documents(corpus(30, seed=1)[5:])  # now 90 vectors: enough to train 64 lists
     with Index.open(tmp_path / "kb") as index:
-        assert index.count_chunks() == 15
-        with pytest.raises(IndexError_):
-            index.search(unit(1), k=1)
-        index.upsert_documents(corpus(30, seed=1)[5:])  # now 90 vectors
+        assert index.info()["exact_standin"] is False and index.backend.count() == 90
+        assert faiss_ivf(index) is not None  # a trained IVF, not the stand-in
         assert index.search(corpus(30, seed=1)[20][4][1], k=1)[0][0].chunk_id == "d20#1"
-    with Index.open(tmp_path / "kb") as index:
-        assert index.backend.count() == 90
+
+
+def faiss_ivf(index):
+    import faiss
+
+    return faiss.try_extract_index_ivf(faiss.downcast_index(index.backend.index.index))
 
 
 def test_bad_inputs_leave_index_unchanged(tmp_path):
@@ -240,7 +245,7 @@ def test_reopen_after_save_persists_everything(tmp_path, kw):
     with make(tmp_path, **kw) as index:
         index.upsert_documents(items)
         index.delete_documents(["d11"])
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb", writable=True) as index:
         assert (index.count_documents(), index.count_chunks()) == (11, 33)
         assert index.doc_hashes()["d0"] == "h1"
         assert index.search(items[4][4][2], k=1)[0][0].chunk_id == "d4#2"
@@ -252,7 +257,7 @@ def test_error_inside_upsert_keeps_old_content(tmp_path, kw, monkeypatch):
     items = corpus(6)
     with make(tmp_path, **kw) as index:
         index.upsert_documents(items)
-    index = Index.open(tmp_path / "kb")
+    index = Index.open(tmp_path / "kb", writable=True)
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -265,7 +270,7 @@ def test_error_inside_upsert_keeps_old_content(tmp_path, kw, monkeypatch):
     assert index.doc_hashes()["d1"] == "h1" and index.count_chunks() == 18
     assert index.search(items[1][4][0], k=1)[0][0].chunk_id == "d1#0"
     index.close()  # no save: a crashed process would not save either
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb", writable=True) as index:
         assert "new" not in index.doc_hashes() and index.count_chunks() == 18
         assert index.search(items[1][4][0], k=1)[0][0].chunk_id == "d1#0"
 
@@ -275,10 +280,10 @@ def test_exception_in_with_block_does_not_save_but_loses_nothing(tmp_path):
     with make(tmp_path) as index:
         index.upsert_documents(items[:2])
     with pytest.raises(KeyError):
-        with Index.open(tmp_path / "kb") as index:
+        with Index.open(tmp_path / "kb", writable=True) as index:
             index.upsert_documents(items[2:])  # committed to SQLite, faiss.index not saved
             raise KeyError("caller bug")
-    with Index.open(tmp_path / "kb") as index:  # backend_synced=0: rebuilt from the stored vectors
+    with Index.open(tmp_path / "kb", writable=True) as index:  # backend_synced=0: rebuilt from the stored vectors
         assert index.count_chunks() == 12 and index.backend.count() == 12
         assert index.search(items[3][4][0], k=1)[0][0].chunk_id == "d3#0"
 
@@ -289,58 +294,86 @@ def test_stale_faiss_file_is_rebuilt(tmp_path):
     with make(tmp_path) as index:
         index.upsert_documents(items[:3])
     old_faiss = (folder / "faiss.index").read_bytes()
-    with Index.open(folder) as index:
+    with Index.open(folder, writable=True) as index:
         index.upsert_documents(items[3:])
     (folder / "faiss.index").write_bytes(old_faiss)  # faiss file older than SQLite
-    with Index.open(folder) as index:
+    with Index.open(folder, writable=True) as index:
         assert index.backend.count() == 18
     (folder / "faiss.index").write_bytes(b"garbage")
-    with Index.open(folder) as index:
+    with Index.open(folder, writable=True) as index:
         assert index.search(items[5][4][2], k=1)[0][0].chunk_id == "d5#2"
     (folder / "faiss.index").unlink()
-    with Index.open(folder) as index:
+    with Index.open(folder, writable=True) as index:
         assert index.backend.count() == 18
     assert (folder / "faiss.index").is_file()
 
 
-def test_open_errors_are_one_line(tmp_path):
+def test_open_errors_are_one_line_and_name_a_way_out(tmp_path):
     make(tmp_path, "kb").close()
     with pytest.raises(IndexError_) as exc:
         Index.open(tmp_path / "nope")
     assert_one_line(exc, "no index at", "nope", "kb")  # lists what exists next to it
 
-    (tmp_path / "kb" / "manifest.json").write_text("{not json")
-    with pytest.raises(IndexError_) as exc:
-        Index.open(tmp_path / "kb")
-    assert_one_line(exc, "manifest", "unreadable", "kb")
-
-    (tmp_path / "kb" / "manifest.json").write_text(json.dumps({"name": "kb"}))
-    with pytest.raises(IndexError_) as exc:
-        Index.open(tmp_path / "kb")
-    assert_one_line(exc, "corrupt", "backend")
-
     make(tmp_path, "nodocs").close()
     (tmp_path / "nodocs" / "docs.sqlite").unlink()
     with pytest.raises(IndexError_) as exc:
         Index.open(tmp_path / "nodocs")
-    assert_one_line(exc, "nodocs", "docs.sqlite")
+    assert_one_line(exc, "nodocs", "docs.sqlite", "--rebuild")
 
     make(tmp_path, "baddb").close()
     (tmp_path / "baddb" / "docs.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(IndexError_) as exc:
         Index.open(tmp_path / "baddb")
-    assert_one_line(exc, "baddb", "docs.sqlite")
+    assert_one_line(exc, "baddb", "docs.sqlite", "--rebuild")
 
 
-def test_check_encoder(tmp_path):
+@pytest.mark.parametrize("broken, needle", [("{not json", "unreadable"), ('{"name": "kb"}', "missing"),
+                                            ("manifest with dim abc", "'dim' should be int")])
+def test_broken_manifest_is_restored_from_the_store_copy(tmp_path, broken, needle):
     with make(tmp_path) as index:
-        index.check_encoder(ENCODER["fingerprint"], DIM)
+        index.upsert_documents(corpus(3))
+    path = tmp_path / "kb" / "manifest.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "dim": "abc"}) if broken.startswith("manifest") else broken)
+    with pytest.raises(IndexError_) as exc:  # the file alone: a one-line error naming what is wrong
+        __import__("retrieval_kit.index", fromlist=["read_manifest"]).read_manifest(tmp_path / "kb")
+    assert_one_line(exc, needle, "--rebuild")
+    before = path.read_text()
+    with Index.open(tmp_path / "kb") as index:  # a reader uses the copy in docs.sqlite and writes nothing
+        assert index.count_chunks() == 9 and index.search(corpus(3)[2][4][0], k=1)[0][0].chunk_id == "d2#0"
+    assert path.read_text() == before
+    with Index.open(tmp_path / "kb", writable=True):  # the writer restores the file
+        pass
+    assert json.loads(path.read_text())["dim"] == DIM
+
+
+def test_broken_manifest_without_a_copy_names_rebuild(tmp_path):
+    make(tmp_path).close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "kb" / "docs.sqlite") as db:  # an index written before the copy existed
+        db.execute("DELETE FROM meta WHERE key = 'manifest'")
+    (tmp_path / "kb" / "manifest.json").write_text(json.dumps({"name": "kb", "dim": "abc"}))
+    for writable in (False, True):
+        with pytest.raises(IndexError_) as exc:
+            Index.open(tmp_path / "kb", writable=writable)
+        assert_one_line(exc, "corrupt", "rkit index CORPUS --name kb --rebuild")
+
+
+def test_check_document_space(tmp_path):
+    with make(tmp_path) as index:
+        index.check_document_space(ENCODER["fingerprint"], DIM)
         with pytest.raises(IndexMismatchError) as exc:
-            index.check_encoder("fp-bbbbbbbbbbbbbbbb", DIM)
+            index.check_document_space("fp-bbbbbbbbbbbbbbbb", DIM)
         assert_one_line(exc, "'kb'", ENCODER["fingerprint"][:12], "fp-bbbbbbbbb", "tiny-llm", "tiny-st", "--adapter")
         with pytest.raises(IndexMismatchError) as exc:
-            index.check_encoder(ENCODER["fingerprint"], DIM * 2)
+            index.check_document_space(ENCODER["fingerprint"], DIM * 2)
         assert_one_line(exc, "'kb'", str(DIM), str(DIM * 2))
+    spaced = {**ENCODER, "doc_fingerprint": "docs-cccccccccccc"}
+    with Index.create(tmp_path / "kb2", dim=DIM, encoder=spaced) as index:  # the document space decides, not the adapter
+        index.check_document_space("docs-cccccccccccc", DIM)
+        with pytest.raises(IndexMismatchError):
+            index.check_document_space(ENCODER["fingerprint"], DIM)
 
 
 # -- qdrant specifics ------------------------------------------------------------------------
@@ -353,17 +386,22 @@ def test_qdrant_unreachable_url_fails_fast(tmp_path):
     assert not (tmp_path / "kb").exists()  # nothing left behind
 
 
-def test_qdrant_local_close_releases_the_folder(tmp_path):
-    make(tmp_path, backend="qdrant").close()
-    first = Index.open(tmp_path / "kb")
+def test_qdrant_local_one_writer_many_readers(tmp_path):
+    with make(tmp_path, backend="qdrant") as index:
+        index.upsert_documents(corpus(4))
+    writer = Index.open(tmp_path / "kb", writable=True)
     try:
-        assert first.manifest["qdrant"] == {"url": None, "collection": "kb"}
-        with pytest.raises(IndexError_) as exc:
-            Index.open(tmp_path / "kb")
-        assert_one_line(exc, "kb", "another process")
+        assert writer.manifest["qdrant"] == {"url": None, "collection": "kb"}
+        with pytest.raises(IndexError_) as exc:  # a second writer: at once, naming the holder
+            Index.open(tmp_path / "kb", writable=True)
+        assert_one_line(exc, "kb", "being written by pid", "--wait")
+        writer.upsert_documents([doc("late", unit(2, seed=9))])  # committed while readers read
+        with Index.open(tmp_path / "kb") as reader, Index.open(tmp_path / "kb") as other:  # readers work meanwhile
+            assert reader.search(unit(2, seed=9)[1], k=1)[0][0].chunk_id == "late#1"
+            assert other.search(corpus(4)[2][4][1], k=1)[0][0].chunk_id == "d2#1"
     finally:
-        first.close()
-    Index.open(tmp_path / "kb").close()  # released
+        writer.close()
+    Index.open(tmp_path / "kb", writable=True).close()  # released
 
 
 def test_qdrant_payload_holds_the_chunk(tmp_path):
@@ -384,7 +422,7 @@ def test_killed_process_loses_nothing_committed(tmp_path):
     script = textwrap.dedent(f"""
         import os, numpy as np
         from retrieval_kit.index import Index
-        index = Index.open({str(tmp_path / "kb")!r})
+        index = Index.open({str(tmp_path / "kb")!r}, writable=True)
         v = np.eye({DIM}, dtype=np.float32)[:2]
         index.upsert_document("late", "h", "late.txt", [{{"chunk_id": "late#0"}}, {{"chunk_id": "late#1"}}], v)
         index.delete_documents(["d0"])
@@ -395,6 +433,6 @@ def test_killed_process_loses_nothing_committed(tmp_path):
     root = Path(retrieval_kit.__file__).resolve().parents[1]  # so the child imports this checkout
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=root)
     assert done.returncode == 1, done.stderr
-    with Index.open(tmp_path / "kb") as index:
+    with Index.open(tmp_path / "kb", writable=True) as index:
         assert set(index.doc_hashes()) == {"d1", "late"} and index.backend.count() == 5
         assert index.search(np.eye(DIM, dtype=np.float32)[1], k=1)[0][0].chunk_id == "late#1"

@@ -1,12 +1,24 @@
 """``Index``: a vector backend, the SQLite doc store and the manifest of one index folder, kept in step.
 
-Durability rules ("nothing already indexed is lost"):
-* every change is one SQLite transaction; the backend is changed inside it and the transaction is
-  rolled back if anything fails;
-* before the first change after a save, ``meta.backend_synced`` is set to 0 (committed); ``save``
-  writes the backend (temp file + rename) and only then sets it back to 1;
-* ``open`` rebuilds the backend from the vectors in SQLite when that flag is 0, when the backend
-  file is missing or unreadable, or when its count differs from SQLite's.
+Who may do what:
+* **One writer.** ``Index.create`` and ``Index.open(writable=True)`` take the folder's writer lock
+  (``lock.py``: flock, released by the kernel even on kill -9) for the life of the object; a second writer
+  fails at once naming the holder, or queues with ``wait``.
+* **Any number of readers.** ``Index.open`` opens ``docs.sqlite`` read-only, pins one committed snapshot and
+  never writes to the folder: no repair is saved, no manifest is rewritten.
+
+How the backend is kept honest (content, not counts):
+* every change is one SQLite transaction that also updates ``meta.rows_sum``, a checksum of the set of live
+  rows (rows are never reused, a row's vector never changes, so the row set *is* the content);
+* the backend is changed inside that transaction (new rows before the commit, replaced rows deleted after
+  it), and a failure rolls SQLite back and marks the backend for repair before its next use;
+* at every open the backend's own ids are checksummed and compared with the snapshot's. A mismatch (a
+  writer killed before its save, a file copied from elsewhere, a half-applied server update) is repaired:
+  by the writer, rebuilt from SQLite and saved; by a reader, rebuilt in memory from its snapshot (FAISS,
+  local Qdrant) or, on a Qdrant server a reader cannot change, by dropping hits its snapshot does not hold.
+
+Folder safety: a folder is only ever written (or cleaned) if rkit can prove it made it: it was created
+empty by rkit, or it holds rkit's marker file. A user's folder is never overwritten.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 from contextlib import contextmanager
@@ -27,44 +40,59 @@ from ..errors import IndexError_, IndexMismatchError, InputError
 from .base import Hit, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
+from .lock import WriterLock
 from .qdrant_backend import DIRNAME as QDRANT_DIR
 from .qdrant_backend import QdrantBackend
-from .store import DocStore, normalise_chunks
+from .store import DocStore, normalise_chunks, row_checksum
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DOCS = "docs.sqlite"
+MARKER = ".rkit-index"  # written first into a folder rkit creates: proof that the folder's files are rkit's
 BACKENDS = ("faiss", "qdrant")
-_REQUIRED = ("format_version", "name", "backend", "dim", "encoder")
+# every name rkit may create in an index folder: the only ones it ever removes
+OWN_FILES = (DOCS, DOCS + "-journal", DOCS + "-wal", DOCS + "-shm", FAISS_FILE, FAISS_FILE + ".tmp",
+             MANIFEST, MANIFEST + ".tmp")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SERVER_OVERFETCH = 16  # extra hits asked of a Qdrant server a reader cannot repair, to fill k after filtering
 
 # (doc_id, content_hash, source, chunks, vectors): one document for ``upsert_documents``.
 DocumentUpdate = tuple[str, str, str, Sequence[dict], np.ndarray]
 
 
+def check_name(name: str) -> str:
+    """An index name is a name, not a path: letters, digits, '.', '_', '-' (no '/', no '..', no leading dot)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or ".." in name:
+        raise InputError(f"bad index name {name!r}: use letters, digits, '.', '_' or '-' (at most 100, no '/' "
+                         "or '..'); to put an index somewhere else, pass --index-dir")
+    return name
+
+
 class Index:
     """One index folder. Use ``Index.create`` / ``Index.open``, ideally as a context manager."""
 
-    def __init__(self, folder: Path, manifest: dict, store: DocStore, backend: VectorBackend):
+    def __init__(self, folder: Path, manifest: dict, store: DocStore, backend: VectorBackend, *,
+                 writable: bool, lock: WriterLock | None = None):
         self.folder, self.manifest, self.store, self.backend = Path(folder), manifest, store, backend
-        self._stale = False    # backend may disagree with the store (a change failed half-way): rebuild before use
-        self._dirty = False    # meta.backend_synced is 0 on disk
+        self.writable, self._lock = writable, lock
+        self._stale = False    # backend may disagree with the store: rebuild before use
+        self._filter = False   # reader of a server collection that disagrees: drop hits outside the snapshot
         self._changed = False  # something changed since open: bump manifest "updated" on save
         self._closed = False
+        self._state = store.state()
 
     # -- creating and opening ---------------------------------------------------------------
     @classmethod
     def create(cls, folder, *, dim: int, backend: str = "faiss", factory: str = "Flat",
                qdrant_url: str | None = None, collection: str | None = None, encoder: dict,
                chunking: dict | None = None, name: str | None = None,
-               faiss_params: dict | None = None, timeout: float = 10) -> "Index":
-        """A new empty index in ``folder`` (created if needed). IndexError_ if it already holds one."""
+               faiss_params: dict | None = None, timeout: float = 10, wait: float | bool = False) -> "Index":
+        """A new empty index in ``folder``, opened for writing. IndexError_ if it already holds one."""
         folder = Path(folder)
         name = name or folder.resolve().name
         label = _label(name, folder)
-        if (folder / MANIFEST).exists():
-            raise IndexError_(f"{label} already exists; open it, or delete the folder to build it again")
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise InputError(f"{label}: vector dimension must be a positive integer, got {dim!r}")
         if backend not in BACKENDS:
@@ -73,17 +101,18 @@ class Index:
                                  encoder, chunking, faiss_params)
         if backend == "faiss":
             new_faiss_index(int(dim), factory)  # a bad factory string fails here, before anything is written
-
-        made_folder = not folder.exists()
+        made_folder = _claim_folder(folder, label)
+        lock = None
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{label}: cannot create the index folder: {one_line(exc)}") from None
-        _remove_leftovers(folder)
-        try:
+            lock = WriterLock(folder, label).acquire(wait)
+            if (folder / MANIFEST).exists() or _store_manifest(folder) is not None:
+                raise IndexError_(f"{label} already exists; open it, or pass --rebuild to build it again")
+            _remove_own_files(folder)  # what a create that died before its first save left (the marker proves it)
             store = DocStore(folder / DOCS, create=True)
             try:
-                index = cls(folder, manifest, store, _open_backend(folder, manifest, label, True, timeout))
+                store.migrate()
+                index = cls(folder, manifest, store, _open_backend(folder, manifest, label, True, timeout),
+                            writable=True, lock=lock)
             except BaseException:
                 store.close()
                 raise
@@ -93,47 +122,80 @@ class Index:
                 index.close()
                 raise
         except BaseException:
+            if lock is not None:
+                lock.release()
             if made_folder:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         return index
 
     @classmethod
-    def open(cls, folder, *, timeout: float = 10) -> "Index":
-        """The index in ``folder``; IndexError_ one-liners when it is missing or broken."""
+    def open(cls, folder, *, writable: bool = False, wait: float | bool = False, timeout: float = 10) -> "Index":
+        """The index in ``folder``: a read-only snapshot by default, the (one) writer with ``writable=True``."""
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        label = _label(manifest["name"], folder)
-        if not (folder / DOCS).is_file():
-            raise IndexError_(f"{label} is missing {DOCS} (its documents and vectors); rebuild the index")
+        if not (folder / MANIFEST).is_file() and not (folder / DOCS).is_file():
+            raise IndexError_(f"no index at {folder}{_available_hint(folder)}")
+        lock = WriterLock(folder, _label(folder.name, folder)).acquire(wait) if writable else None
+        store = backend = None
         try:
-            store = DocStore(folder / DOCS)
-        except sqlite3.DatabaseError as exc:
-            raise IndexError_(f"{label}: {DOCS} is unreadable ({one_line(exc)}); rebuild the index") from None
-        try:
-            index = cls(folder, manifest, store, _open_backend(folder, manifest, label, False, timeout))
+            store = _open_store(folder, writable)
+            manifest = _load_manifest(folder, store, writable)
+            label = _label(manifest["name"], folder)
+            if writable:
+                store.migrate()
+                _write_marker(folder)
+            else:
+                store.pin()
+            # a reader never opens the local Qdrant folder (one process only, and that is the writer's)
+            memory = not writable and manifest["backend"] == "qdrant" and not (manifest.get("qdrant") or {}).get("url")
+            backend = _open_backend(folder, manifest, label, False, timeout, memory=memory)
+            index = cls(folder, manifest, store, backend, writable=writable, lock=lock)
         except BaseException:
-            store.close()
+            for part in (backend, store):
+                if part is not None:
+                    part.close()
+            if lock is not None:
+                lock.release()
             raise
         try:
-            index._repair_if_needed()
+            index._check_backend()
         except BaseException:
             index.close()
             raise
         return index
 
-    def _repair_if_needed(self) -> None:
-        synced = self.store.get_meta("backend_synced") == "1"
-        if synced and not self.backend.needs_rebuild and self.backend.count() == self.store.count_chunks():
-            return
-        log.warning("%s: vector backend out of step with %s; rebuilding it from the stored vectors", self.label, DOCS)
-        self._stale = True
-        try:
+    def _check_backend(self) -> None:
+        """Compare the backend's ids with the snapshot by checksum; repair (writer) or work around (reader)."""
+        _, count, checksum = self._state
+        if not self.backend.needs_rebuild:
+            ids = self.backend.ids()
+            if len(ids) == count and row_checksum(ids) == checksum:
+                return
+        if self.writable:
+            log.warning("%s: vector backend out of step with %s; rebuilding it from the stored vectors", self.label, DOCS)
+            self._stale = True
             self.save()
-        except (IndexError_, OSError, sqlite3.OperationalError) as exc:
-            # Read-only folder, or an IVF index still too small to train: open anyway so documents can
-            # be added or read; the next search or save retries the rebuild (and says why it fails).
-            log.warning("%s: rebuild postponed: %s", self.label, exc)
+        elif isinstance(self.backend, QdrantBackend) and not self.backend.local:
+            self._filter = True  # a reader cannot fix a server collection; the next writer will
+        else:
+            self._stale = True  # rebuilt in memory from this reader's snapshot before the first search
+
+    def refresh(self) -> bool:
+        """Reader: move to the newest committed state if a writer changed the index. True when it moved."""
+        self._check_open()
+        if self.writable:
+            return False
+        self.store.pin()
+        state = self.store.state()
+        if state == self._state:
+            return False
+        self.manifest = _load_manifest(self.folder, self.store, False)
+        backend = _open_backend(self.folder, self.manifest, self.label, False, 10,
+                                memory=isinstance(self.backend, QdrantBackend) and self.backend.local)
+        self.backend.close()
+        self.backend, self._state, self._stale, self._filter = backend, state, False, False
+        self._check_backend()
+        return True
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -148,25 +210,38 @@ class Index:
     def label(self) -> str:
         return _label(self.name, self.folder)
 
+    @property
+    def generation(self) -> int:
+        """+1 per committed change: a server compares it to know when to ``refresh``."""
+        return self._state[0] if not self.writable else self.store.state()[0]
+
     # -- checks and reads ---------------------------------------------------------------------
-    def check_encoder(self, fingerprint: str, dim: int) -> None:
-        """IndexMismatchError unless the index was built with this encoder and dimension."""
+    def check_document_space(self, doc_fingerprint: str, dim: int) -> None:
+        """IndexMismatchError unless the stored vectors came from this document encoder (fingerprint, dimension).
+
+        Only what produced the *document* vectors matters: with teacher-embedded documents, any adapter trained
+        for the same teacher can search the index, and an adapter retrain needs no re-index.
+        """
         enc = self.manifest.get("encoder") or {}
-        built = str(enc.get("fingerprint") or "")
-        if built and built != fingerprint:
+        built = str(enc.get("doc_fingerprint") or enc.get("fingerprint") or "")
+        if built and built != doc_fingerprint:
             raise IndexMismatchError(
-                f"{self.label} was built with encoder {built[:12]} ({_describe_encoder(enc)}) "
-                f"but {str(fingerprint)[:12]} was given; re-index or pass the matching --adapter"
+                f"{self.label}: its document vectors come from encoder {built[:12]} ({_describe_encoder(enc)}) "
+                f"but this one gives {str(doc_fingerprint)[:12]}; re-index with a new --name or pass the matching --adapter"
             )
         if int(dim) != self.dim:
             raise IndexMismatchError(
                 f"{self.label} holds {self.dim}-d vectors but the encoder gives {dim}-d; "
-                "re-index or pass the matching --adapter"
+                "re-index with a new --name or pass the matching --adapter"
             )
 
     def doc_hashes(self) -> dict[str, str]:
         """doc_id -> content_hash, so an incremental re-index can skip unchanged documents."""
         return self.store.doc_hashes()
+
+    def doc_roots(self) -> dict[str, str]:
+        """doc_id -> corpus root it came from ('' when not recorded)."""
+        return self.store.doc_roots()
 
     def count_documents(self) -> int:
         return self.store.count_documents()
@@ -181,10 +256,11 @@ class Index:
             raise InputError(f"{self.label}: k must be at least 1, got {k}")
         self._check_open()
         self._ensure_synced()
-        scores, rows = self.backend.search(queries, int(k))
-        chunks = self.store.fetch(rows[rows >= 0])
+        asked = int(k) + (SERVER_OVERFETCH if self._filter else 0)
+        scores, rows = self.backend.search(queries, asked)
+        chunks = self.store.fetch(rows[rows >= 0])  # rows outside this snapshot are simply not found
         return [
-            [_hit(chunks[r], s) for s, r in zip(score_row, row_row) if r in chunks]
+            [_hit(chunks[r], s) for s, r in zip(score_row, row_row) if r in chunks][: int(k)]
             for score_row, row_row in zip(scores, rows.tolist())
         ]
 
@@ -193,19 +269,28 @@ class Index:
 
         ``vectors`` is what the backend holds (None while a rebuild is pending); it equals ``chunks`` when healthy.
         """
+        self._check_open()
+        self._ensure_synced()  # a reader's in-memory copy, so the figures are the ones a search would see
         pending = self._stale or self.backend.needs_rebuild
         return {**self.manifest, "folder": str(self.folder),
                 "counts": {"documents": self.count_documents(), "chunks": self.count_chunks()},
-                "vectors": None if pending else self.backend.count(), "size_bytes": _folder_size(self.folder)}
+                "vectors": None if pending else self.backend.count(), "generation": self.generation,
+                "exact_standin": bool(getattr(self.backend, "standin", False)),
+                "size_bytes": _folder_size(self.folder)}
 
-    # -- changes ------------------------------------------------------------------------------
+    # -- changes (writer only) ---------------------------------------------------------------
     def upsert_document(self, doc_id: str, content_hash: str, source: str, chunks: Sequence[dict],
-                        vectors: np.ndarray) -> None:
+                        vectors: np.ndarray, root: str = "") -> None:
         """Add a document, or replace all chunks of an existing one, atomically."""
-        self.upsert_documents([(doc_id, content_hash, source, chunks, vectors)])
+        self.upsert_documents([(doc_id, content_hash, source, chunks, vectors)], root=root)
 
-    def upsert_documents(self, items: Iterable[DocumentUpdate]) -> None:
-        """Many documents in one transaction and one backend call: the fast path for indexing a corpus."""
+    def upsert_documents(self, items: Iterable[DocumentUpdate], root: str = "") -> None:
+        """Many documents in one transaction and one backend call: the fast path for indexing a corpus.
+
+        New points go to the backend before the commit and replaced ones leave it after, so a backend that
+        applies changes at once (Qdrant) never lacks a committed chunk; leftovers are repaired by checksum.
+        """
+        self._check_writable()
         docs = [self._check_document(*item) for item in items]
         if not docs:
             return
@@ -215,34 +300,47 @@ class Index:
         with self._mutation():
             old_rows = self.store.rows_of(doc_ids)
             self.store.delete_documents(doc_ids)
-            self.backend.delete(old_rows)
             rows = self.store.allocate_rows(sum(len(d[3]) for d in docs))
             start = 0
             for doc_id, content_hash, source, chunks, vectors in docs:
-                self.store.insert_document(doc_id, content_hash, source, len(chunks), now)
+                self.store.insert_document(doc_id, content_hash, source, len(chunks), now, root)
                 self.store.insert_chunks(rows[start : start + len(chunks)], chunks, vectors)
                 start += len(chunks)
             payloads = [c for d in docs for c in d[3]]  # normalised chunks are exactly the Qdrant payload
             self.backend.upsert(rows, np.concatenate([d[4] for d in docs]), payloads)
+        self._delete_from_backend(old_rows)
 
     def delete_documents(self, doc_ids: Iterable[str]) -> int:
         """Remove documents and their chunks; unknown ids are ignored. Returns how many were removed."""
+        self._check_writable()
         doc_ids = list(dict.fromkeys(str(d) for d in doc_ids))
         if not doc_ids:
             return 0
         with self._mutation():
             rows = self.store.rows_of(doc_ids)
             removed = self.store.delete_documents(doc_ids)
-            self.backend.delete(rows)
+        self._delete_from_backend(rows)
         return removed
+
+    def move_root(self, old: str, new: str) -> int:
+        """Documents read from corpus root ``old`` now come from ``new`` (the folder was moved)."""
+        self._check_writable()
+        with self._mutation():
+            moved = self.store.set_root(old, new)
+        return moved
+
+    def _delete_from_backend(self, rows: np.ndarray) -> None:
+        try:
+            self.backend.delete(rows)
+        except Exception as exc:  # committed already: stray points are harmless (never in the store) and repaired
+            log.warning("%s: could not remove %d replaced vectors yet (%s); repairing before the next use",
+                        self.label, len(rows), one_line(exc))
+            self._stale = True
 
     @contextmanager
     def _mutation(self):
         """One SQLite transaction around a change; on failure roll back and rebuild the backend before next use."""
         self._check_open()
-        if not self._dirty:  # committed on its own, so a crash from here on is seen at the next open
-            self.store.set_meta("backend_synced", "0")
-            self._dirty = True
         self.store.begin()
         try:
             yield
@@ -258,47 +356,67 @@ class Index:
             self.backend.rebuild(self.store.iter_batches())
             self._stale = False
 
+    def set_factory(self, factory: str) -> None:
+        """Writer: serve this FAISS index with another index_factory string (rebuilt from the stored vectors)."""
+        self._check_writable()
+        if self.manifest["backend"] != "faiss":
+            raise InputError(f"{self.label} uses the qdrant backend; --factory is for faiss indexes")
+        new_faiss_index(self.dim, factory)  # a bad string fails before anything changes
+        params = default_params(factory)
+        self.backend = FaissBackend(self.folder, self.dim, factory, params=params, label=self.label, create=True)
+        self.manifest.update({"factory": factory, "faiss_params": params})
+        self._stale = self._changed = True
+
     # -- persisting ---------------------------------------------------------------------------
     def save(self) -> None:
-        """Write the backend (atomically), mark it in step with SQLite, then rewrite the manifest."""
-        self._check_open()
+        """Writer: write the backend (atomically), then the manifest (file, and a copy inside docs.sqlite)."""
+        self._check_writable()
         self._ensure_synced()
         self.backend.save()
-        self.store.set_meta("backend_synced", "1")
-        self._dirty = False
         self.manifest["counts"] = {"documents": self.count_documents(), "chunks": self.count_chunks()}
         if self._changed:
             self.manifest["updated"] = _now()
             self._changed = False
         write_manifest(self.folder, self.manifest)
+        self.store.set_meta("manifest", json.dumps(self.manifest, ensure_ascii=False))
 
     def close(self) -> None:
-        """Release the backend (Qdrant local mode allows one client per folder) and the database. Does not save."""
+        """Release the backend, the database and (writer) the lock. Does not save."""
         if self._closed:
             return
         self._closed = True
         try:
             self.backend.close()
         finally:
-            self.store.close()
+            try:
+                self.store.close()
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
 
     def __enter__(self) -> "Index":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
+            if exc_type is None and self.writable and not self._closed:
                 self.save()
         finally:
             self.close()
 
     def __repr__(self) -> str:
-        return f"Index({str(self.folder)!r}, backend={self.manifest['backend']!r}, dim={self.dim})"
+        mode = "writer" if self.writable else "reader"
+        return f"Index({str(self.folder)!r}, backend={self.manifest['backend']!r}, dim={self.dim}, {mode})"
 
     # -- input validation ---------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise IndexError_(f"{self.label} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise IndexError_(f"{self.label} is open read-only; open it with writable=True (one writer at a time)")
 
     def _check_vectors(self, vectors, what: str, ndim_one_ok: bool = False) -> np.ndarray:
         arr = np.asarray(vectors, dtype=np.float32)
@@ -356,6 +474,7 @@ def _new_manifest(name, dim, backend, factory, qdrant_url, collection, encoder, 
 
 
 def read_manifest(folder: Path) -> dict:
+    """The manifest file of ``folder``, validated; IndexError_ one-liners that name the way out."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -363,18 +482,37 @@ def read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexError_(f"index manifest {path} is unreadable ({one_line(exc)}); rebuild the index") from None
-    missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
-    if not missing and manifest["backend"] not in BACKENDS:
-        missing = ["a known backend"]
-    if not missing:
-        missing = ["factory"] if manifest["backend"] == "faiss" and "factory" not in manifest else []
-    if missing:
-        raise IndexError_(f"index manifest {path} is corrupt (missing {', '.join(missing)}); rebuild the index")
-    if not isinstance(manifest["format_version"], int) or manifest["format_version"] > FORMAT_VERSION:
+        raise IndexError_(f"index manifest {path} is unreadable ({one_line(exc)}); {_way_out(folder)}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise IndexError_(f"index manifest {path} is corrupt ({problem}); {_way_out(folder)}")
+    if manifest["format_version"] > FORMAT_VERSION:
         raise IndexError_(f"index manifest {path} has format version {manifest['format_version']!r}; "
                           f"this rkit reads up to {FORMAT_VERSION}, upgrade rkit")
     return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest (missing keys, wrong types), or None."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    checks = [("format_version", int), ("name", str), ("backend", str), ("dim", int), ("encoder", dict)]
+    missing = [key for key, _ in checks if key not in manifest]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key, kind in checks:
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            return f"'{key}' should be {kind.__name__}, got {json.dumps(manifest[key])[:40]}"
+    if manifest["backend"] not in BACKENDS:
+        return f"unknown backend {manifest['backend']!r}"
+    if manifest["dim"] < 1:
+        return f"'dim' must be positive, got {manifest['dim']}"
+    if manifest["backend"] == "faiss" and not isinstance(manifest.get("factory"), str):
+        return "missing factory"
+    for key in ("chunking", "counts", "faiss_params", "qdrant"):
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], dict):
+            return f"'{key}' should be an object"
+    return None
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -389,13 +527,49 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
+def _load_manifest(folder: Path, store: DocStore, writable: bool) -> dict:
+    """The manifest file, or, when it is missing or broken, the copy kept in docs.sqlite (the writer restores it)."""
+    try:
+        return read_manifest(folder)
+    except IndexError_ as exc:
+        copy = _parse_copy(store.get_meta("manifest"))
+        if copy is None:
+            raise
+        if writable:
+            log.warning("%s; restored it from the copy in %s", exc, DOCS)
+            write_manifest(folder, copy)
+        return copy
+
+
+def _parse_copy(text: str | None) -> dict | None:
+    try:
+        manifest = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return manifest if manifest is not None and manifest_problem(manifest) is None else None
+
+
+def _store_manifest(folder: Path) -> dict | None:
+    """The manifest copy inside an existing docs.sqlite (an intact index whose manifest.json is gone), or None."""
+    if not (folder / DOCS).is_file():
+        return None
+    try:
+        store = DocStore(folder / DOCS, readonly=True)
+    except sqlite3.DatabaseError:
+        return None
+    try:
+        return _parse_copy(store.get_meta("manifest"))
+    finally:
+        store.close()
+
+
 def list_indexes(home) -> list[dict]:
     """A short description of every index folder directly under ``home`` (broken ones carry ``error``)."""
     home = Path(home)
     if not home.is_dir():
         return []
     found = []
-    for folder in sorted(p for p in home.iterdir() if (p / MANIFEST).is_file()):
+    for folder in sorted(p for p in home.iterdir() if (p / MANIFEST).is_file() or (p / MARKER).is_file()):
         try:
             m = read_manifest(folder)
         except IndexError_ as exc:
@@ -412,22 +586,91 @@ def list_indexes(home) -> list[dict]:
     return found
 
 
+def remove_index(folder: Path, wait: float | bool = False) -> None:
+    """Delete an index's own files (``--rebuild``): only in a folder provably rkit's, only rkit's names.
+
+    Anything else in the folder stays. A Qdrant server collection is never dropped from here.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if not _is_ours(folder):
+        raise InputError(f"{folder} is not an rkit index folder (no {MARKER} or {MANIFEST}); nothing was removed")
+    lock = WriterLock(folder, _label(folder.name, folder)).acquire(wait)
+    try:
+        _remove_own_files(folder)
+    finally:
+        lock.release()
+
+
 # -- helpers ----------------------------------------------------------------------------------
-def _open_backend(folder: Path, manifest: dict, label: str, create: bool, timeout: float) -> VectorBackend:
+def _claim_folder(folder: Path, label: str) -> bool:
+    """Make ``folder`` an index folder, or refuse: True if this call created it. Never touches a user's folder."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{label}: {folder} exists and is not a folder; choose another --name or --index-dir")
+    if folder.is_dir():
+        if _is_ours(folder):
+            return False
+        if any(folder.iterdir()):
+            raise InputError(f"{label}: folder {folder} already exists and is not an rkit index; "
+                             "choose another --name or --index-dir (rkit never writes into a folder it did not make)")
+        _write_marker(folder)
+        return False
+    try:
+        folder.mkdir(parents=True)
+        _write_marker(folder)
+    except OSError as exc:
+        raise InputError(f"{label}: cannot create the index folder: {one_line(exc)}") from None
+    return True
+
+
+def _is_ours(folder: Path) -> bool:
+    """The marker, or (indexes made before the marker existed) a manifest that parses as an rkit manifest."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        return manifest_problem(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))) is None
+    except (OSError, ValueError):
+        return False
+
+
+def _write_marker(folder: Path) -> None:
+    marker = folder / MARKER
+    if not marker.exists():
+        marker.write_text("This folder is an rkit index (see indexes/README.md). rkit only removes its own files here.\n",
+                          encoding="utf-8")
+
+
+def _remove_own_files(folder: Path) -> None:
+    for name in OWN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / QDRANT_DIR, ignore_errors=True)
+
+
+def _open_store(folder: Path, writable: bool) -> DocStore:
+    label = _label(folder.name, folder)
+    if not (folder / DOCS).is_file():
+        raise IndexError_(f"{label} is missing {DOCS} (its documents and vectors); {_way_out(folder)}")
+    try:
+        return DocStore(folder / DOCS, readonly=not writable)
+    except sqlite3.DatabaseError as exc:
+        raise IndexError_(f"{label}: {DOCS} is unreadable ({one_line(exc)}); {_way_out(folder)}") from None
+
+
+def _way_out(folder: Path) -> str:
+    return f"rebuild it from its corpus: rkit index CORPUS --name {folder.name} --rebuild"
+
+
+def _open_backend(folder: Path, manifest: dict, label: str, create: bool, timeout: float,
+                  memory: bool = False) -> VectorBackend:
     if manifest["backend"] == "faiss":
         return FaissBackend(folder, int(manifest["dim"]), manifest["factory"],
                             params=manifest.get("faiss_params"), label=label, create=create)
     qdrant = manifest.get("qdrant") or {}
     url = qdrant.get("url")
     return QdrantBackend(int(manifest["dim"]), qdrant.get("collection") or manifest["name"],
-                         folder=None if url else folder, url=url, label=label, create=create, timeout=timeout)
-
-
-def _remove_leftovers(folder: Path) -> None:
-    """Files of a create that died before writing its manifest (only our own names are touched)."""
-    for name in (DOCS, DOCS + "-journal", DOCS + "-wal", DOCS + "-shm", FAISS_FILE, FAISS_FILE + ".tmp", MANIFEST + ".tmp"):
-        (folder / name).unlink(missing_ok=True)
-    shutil.rmtree(folder / QDRANT_DIR, ignore_errors=True)
+                         folder=None if url else folder, url=url, label=label, create=create, timeout=timeout,
+                         memory=memory)
 
 
 def _available_hint(folder: Path) -> str:

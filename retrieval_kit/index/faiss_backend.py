@@ -2,7 +2,9 @@
 
 Some factories cannot remove ids (HNSW, PQ) and some must be trained before adding (IVF, PQ).
 Rather than failing, those changes set ``needs_rebuild``; ``Index`` then calls ``rebuild`` with
-every vector from the doc store before the next search or save.
+every vector from the doc store before the next search or save. A factory that cannot be trained yet
+(IVF256 on 29 vectors) is served by an exact ``Flat`` stand-in until enough vectors are stored, so a small
+index is never stuck: ``standin`` says so, and every rebuild tries the real factory again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Iterable
 import faiss
 import numpy as np
 
-from ..errors import IndexError_, InputError
+from ..errors import InputError
 from .base import Batch, empty_result, one_line
 
 FILENAME = "faiss.index"
@@ -44,6 +46,19 @@ def default_params(factory: str) -> dict:
     return params
 
 
+def _is_flat(factory: str) -> bool:
+    return factory.replace(" ", "").upper().removeprefix("IDMAP2,").removeprefix("IDMAP,") == "FLAT"
+
+
+def _min_training_rows(index: faiss.Index) -> int:
+    """faiss refuses to train IVF on fewer vectors than lists, and PQ on fewer than its 2^nbits centroids."""
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    quantiser = faiss.downcast_index(ivf) if ivf is not None else inner
+    pq = getattr(quantiser, "pq", None)
+    return max(int(ivf.nlist) if ivf is not None else 1, 1 << int(pq.nbits) if pq is not None else 1)
+
+
 def _apply_params(index: faiss.Index, params: dict) -> None:
     space = faiss.ParameterSpace()
     for name, value in params.items():
@@ -56,6 +71,7 @@ class FaissBackend:
         self.path = Path(folder) / FILENAME
         self.dim, self.factory, self.params, self.label = dim, factory, params or {}, label
         self.needs_rebuild = False
+        self.standin = False  # True: an exact Flat index stands in for a factory that cannot be trained yet
         self._gpu = None  # GPU copy for search, dropped on every change
         self._gpu_failed = False
         self.index = new_faiss_index(dim, factory, self.params) if create else self._load()
@@ -66,17 +82,26 @@ class FaissBackend:
             index = faiss.read_index(str(self.path))
             if index.d != self.dim:
                 raise RuntimeError(f"dimension {index.d} != {self.dim}")
-            _apply_params(index, self.params)
-            return index
+            inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+            self.standin = isinstance(inner, faiss.IndexFlat) and not _is_flat(self.factory)
+            if not self.standin:  # a Flat stand-in has no nprobe/efSearch to set
+                _apply_params(index, self.params)
         except RuntimeError:
-            self.needs_rebuild = True
+            self.needs_rebuild, self.standin = True, False
             return new_faiss_index(self.dim, self.factory, self.params)
+        return index
+
+    def ids(self) -> np.ndarray:
+        """The row ids this index holds (what ``Index`` checks against the doc store)."""
+        if not hasattr(self.index, "id_map"):
+            return np.zeros(0, np.int64)
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
     def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None) -> None:
         if not len(rows):
             return
         self._gpu = None
-        if self.needs_rebuild or not self.index.is_trained:
+        if self.needs_rebuild or not self.index.is_trained or self.standin:  # a stand-in retries the real factory
             self.needs_rebuild = True  # the rebuild reads these rows from the store anyway
             return
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), rows.astype(np.int64))
@@ -95,18 +120,17 @@ class FaissBackend:
         parts = [(rows, vectors) for rows, vectors, _ in batches]
         rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         vectors = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
-        index = new_faiss_index(self.dim, self.factory, self.params)
-        if not index.is_trained and len(rows):
+        index, standin = new_faiss_index(self.dim, self.factory, self.params), False
+        if not index.is_trained:
             try:
+                if len(rows) < _min_training_rows(index):
+                    raise RuntimeError(f"{len(rows)} vectors")
                 index.train(vectors)
-            except RuntimeError as exc:
-                raise IndexError_(
-                    f"{self.label}: cannot train faiss factory '{self.factory}' on {len(rows)} vectors "
-                    f"({one_line(exc)}); add documents or re-create the index with factory 'Flat'"
-                ) from None
+            except RuntimeError:  # too few vectors for this factory yet: exact search until there are enough
+                index, standin = new_faiss_index(self.dim, "Flat"), True
         if len(rows):
             index.add_with_ids(vectors, rows)
-        self.index, self.needs_rebuild, self._gpu = index, False, None
+        self.index, self.needs_rebuild, self.standin, self._gpu = index, False, standin, None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = self.index.ntotal
@@ -134,9 +158,15 @@ class FaissBackend:
         return int(self.index.ntotal)
 
     def save(self) -> None:
-        """Write to a temp file then rename, so a crash mid-write leaves the previous file intact."""
+        """Write to a temp file, fsync, then rename: a crash mid-write leaves the previous file intact, and a reader
+        opens either the old file or the new one (each is then checked against its SQLite snapshot by content)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         faiss.write_index(self.index, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self.path)
 
     def close(self) -> None:

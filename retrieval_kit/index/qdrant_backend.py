@@ -1,7 +1,15 @@
-"""Qdrant backend: embedded local mode in ``<folder>/qdrant`` or a server/cluster at a URL.
+"""Qdrant backend: embedded local mode in ``<folder>/qdrant``, an in-memory copy, or a server/cluster at a URL.
 
 Distance is Dot: on L2-normalised vectors it equals the FAISS inner product, so both backends
 score alike. Point id = doc-store row; the payload repeats the chunk so points are readable on a server.
+
+Local mode lets one process open its folder, and that is the writer's. A reader loads the committed
+vectors of its SQLite snapshot into an in-memory collection instead (``memory=True``): the same engine,
+the same scores, and readers keep working while ``rkit index`` runs.
+
+On a server the collection may be shared and live, so nothing here ever drops it: ``rebuild`` is a
+diff (upsert what is missing, delete what the doc store no longer has), every request is idempotent, and
+transient errors (timeouts, connection resets, 429/5xx) are retried with backoff (tenacity).
 """
 
 from __future__ import annotations
@@ -10,19 +18,37 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import httpx
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import IndexError_
 from .base import Batch, chunked, empty_result, one_line
 
 DIRNAME = "qdrant"
 BATCH = 256  # points per upsert request: keeps requests small for a server
+SCROLL = 4096  # ids per page when listing what a collection holds
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the network or an overloaded server, not a request the server rejected."""
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is not None and (exc.status_code == 429 or exc.status_code >= 500)
+    return isinstance(exc, (httpx.TransportError, ResponseHandlingException, ConnectionError, TimeoutError))
+
+
+# every server request below is idempotent (upsert by id, delete by id, reads), so a retry cannot double-apply
+_retrying = retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(5),
+                  wait=wait_exponential(multiplier=0.2, max=5), reraise=True)
 
 
 def connect(*, folder: Path | None = None, url: str | None = None, label: str = "index",
-            timeout: float = 10) -> QdrantClient:
+            timeout: float = 10, memory: bool = False) -> QdrantClient:
     """A live client, or an IndexError_ one-liner (unreachable server, local folder already in use)."""
+    if memory:
+        return QdrantClient(location=":memory:")
     if url:
         try:
             # API key from the environment, never from the manifest (it is not a secret store).
@@ -62,11 +88,13 @@ def _locked(lock_file: Path) -> bool:
 
 class QdrantBackend:
     def __init__(self, dim: int, collection: str, *, folder: Path | None = None, url: str | None = None,
-                 label: str = "index", create: bool = False, timeout: float = 10):
+                 label: str = "index", create: bool = False, timeout: float = 10, memory: bool = False):
         self.dim, self.collection, self.url, self.label = dim, collection, url, label
         self.needs_rebuild = False  # qdrant applies every change directly
-        self.client = connect(folder=folder, url=url, label=label, timeout=timeout)
-        exists = self.client.collection_exists(collection)
+        self.standin = False
+        self.client = connect(folder=folder, url=url, label=label, timeout=timeout, memory=memory)
+        self.local = not url  # local folder or in-memory: ours alone, so a rebuild may recreate the collection
+        exists = _retrying(self.client.collection_exists)(collection)
         if create and exists and url:
             self.close()
             raise IndexError_(f"{label}: Qdrant collection '{collection}' already exists at {url}; "
@@ -76,7 +104,7 @@ class QdrantBackend:
         self._fast_local_storage()
 
     def _create_collection(self) -> None:
-        self.client.create_collection(
+        _retrying(self.client.create_collection)(
             self.collection, vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.DOT)
         )
         self._fast_local_storage()
@@ -101,7 +129,7 @@ class QdrantBackend:
         payloads = payloads or [{} for _ in range(len(rows))]
         for start in range(0, len(rows), BATCH):
             end = start + BATCH
-            self.client.upsert(self.collection, wait=True, points=models.Batch(
+            _retrying(self.client.upsert)(self.collection, wait=True, points=models.Batch(
                 ids=[int(r) for r in rows[start:end]],
                 vectors=np.asarray(vectors[start:end], dtype=np.float32).tolist(),
                 payloads=payloads[start:end],
@@ -109,24 +137,43 @@ class QdrantBackend:
 
     def delete(self, rows: np.ndarray) -> None:
         for part in chunked([int(r) for r in rows], 1024):
-            self.client.delete(self.collection, wait=True, points_selector=models.PointIdsList(points=part))
+            _retrying(self.client.delete)(self.collection, wait=True, points_selector=models.PointIdsList(points=part))
 
     def rebuild(self, batches: Iterable[Batch]) -> None:
-        self.client.delete_collection(self.collection)
-        self._create_collection()
+        """Make the collection hold exactly these rows. Local: recreate it. Server: upsert them all, then delete
+        any other point (a shared, live collection is never dropped)."""
+        if self.local:
+            self.client.delete_collection(self.collection)
+            self._create_collection()
+        keep: list[np.ndarray] = []
         for rows, vectors, payloads in batches:
             self.upsert(rows, vectors, payloads)
+            keep.append(rows)
+        if not self.local:
+            kept = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+            self.delete(np.setdiff1d(self.ids(), kept))
+
+    def ids(self) -> np.ndarray:
+        """Every point id in the collection (paged scroll, no payloads or vectors)."""
+        found, offset = [], None
+        while True:
+            points, offset = _retrying(self.client.scroll)(self.collection, limit=SCROLL, offset=offset,
+                                                           with_payload=False, with_vectors=False)
+            found += [int(p.id) for p in points]
+            if offset is None:
+                return np.asarray(sorted(found), dtype=np.int64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = empty_result(len(queries), k)
         requests = [models.QueryRequest(query=q.tolist(), limit=k) for q in np.asarray(queries, np.float32)]
-        for i, response in enumerate(self.client.query_batch_points(self.collection, requests=requests)):
+        responses = _retrying(self.client.query_batch_points)(self.collection, requests=requests)
+        for i, response in enumerate(responses):
             for j, point in enumerate(response.points[:k]):
                 scores[i, j], rows[i, j] = point.score, int(point.id)
         return scores, rows
 
     def count(self) -> int:
-        return int(self.client.count(self.collection, exact=True).count)
+        return int(_retrying(self.client.count)(self.collection, exact=True).count)
 
     def save(self) -> None:
         """Nothing to do: local mode and servers persist each change as it is made."""

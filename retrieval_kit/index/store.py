@@ -2,7 +2,14 @@
 
 It is the source of truth of an index: the vector backend can always be rebuilt from it,
 which is what makes deletes on HNSW, re-training IVF, and crash recovery possible.
-Writes happen inside explicit transactions (``begin``/``commit``/``rollback``) driven by ``Index``.
+Writes happen inside explicit transactions (``begin``/``commit``/``rollback``) driven by ``Index``, by the
+one process that holds the index's writer lock. Readers open the file read-only and pin one snapshot
+(``pin``), so everything they read (chunks, the row checksum) belongs to the same committed state.
+
+``meta`` keeps, besides ``next_row``: ``generation`` (+1 per committed change) and ``rows_sum``, a checksum
+of the set of live rows maintained in the same transaction as the change. Rows are never reused and a
+row's vector never changes, so the row set identifies the stored content: a backend whose ids give the
+same checksum holds exactly these vectors (see ``row_checksum``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ CREATE TABLE IF NOT EXISTS documents (
     content_hash TEXT NOT NULL,
     source TEXT NOT NULL DEFAULT '',
     n_chunks INTEGER NOT NULL,
-    updated TEXT NOT NULL
+    updated TEXT NOT NULL,
+    root TEXT NOT NULL DEFAULT ''        -- the corpus root the document was read from ('' for a library caller)
 );
 CREATE TABLE IF NOT EXISTS chunks (
     row INTEGER PRIMARY KEY,            -- the id the vector backend knows (faiss id / qdrant point id)
@@ -44,29 +52,87 @@ _IN_BATCH = 500
 _CHUNK_COLUMNS = "row, chunk_id, doc_id, n, text, title, source, metadata"
 
 
+_MASK = (1 << 64) - 1
+
+
+def row_checksum(rows) -> int:
+    """Order-free checksum of a set of row ids: the sum (mod 2^64) of a 64-bit mix (splitmix64) of each.
+
+    Additive, so a change updates it in O(rows changed); mixed, so two different row sets practically
+    never collide (a count check alone cannot tell a replaced document from the old one).
+    """
+    x = np.asarray(rows, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+        return int(x.sum(dtype=np.uint64)) & _MASK
+
+
 class DocStore:
-    def __init__(self, path: Path, *, create: bool = False):
+    def __init__(self, path: Path, *, create: bool = False, readonly: bool = False, timeout: float = 30):
         self.path = Path(path)
+        self.readonly = readonly
         # isolation_level=None: no implicit transactions, we BEGIN/COMMIT ourselves.
         # check_same_thread=False: a server may search from worker threads (writes stay single-threaded).
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # WAL + synchronous=NORMAL: a commit costs no fsync (indexing document by document stays fast),
-        # a crashed process loses nothing committed, and a power cut can at worst drop the last commits.
-        try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.OperationalError:  # read-only folder: stay in the default mode, reads still work
-            pass
+        # timeout: a reader may wait briefly while the writer checkpoints the WAL.
+        if readonly:  # a reader never writes to the index folder's content (SQLite may still keep its -shm)
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                      check_same_thread=False, timeout=timeout)
+        else:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+            # WAL: readers keep reading their snapshot while the writer commits. synchronous=NORMAL: a commit
+            # costs no fsync, a crashed process loses nothing committed, a power cut at worst the last commits.
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError:  # read-only folder: stay in the default mode, reads still work
+                pass
         if create:
             self.db.executescript(SCHEMA)
         self.db.execute("SELECT count(*) FROM documents, meta WHERE 0").fetchone()  # fails fast on a broken file
         self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks LIMIT 0").fetchone()
+        self.has_roots = "root" in {r[1] for r in self.db.execute("PRAGMA table_info(documents)")}
+
+    def migrate(self) -> None:
+        """Bring a store written by an older rkit up to date (writer only; readers cope without it)."""
+        if not self.has_roots:
+            self.db.execute("ALTER TABLE documents ADD COLUMN root TEXT NOT NULL DEFAULT ''")
+            self.has_roots = True
+        if self.get_meta("rows_sum") is None:
+            rows = [r for (r,) in self.db.execute("SELECT row FROM chunks")]
+            self.set_meta("rows_sum", str(row_checksum(rows)))
+
+    # -- snapshots (readers) ------------------------------------------------------------------
+    def pin(self) -> None:
+        """Start a read transaction: every later read sees this one committed state until ``unpin``."""
+        self.rollback()
+        self.db.execute("BEGIN")
+        self.db.execute("SELECT 1 FROM meta LIMIT 1").fetchone()  # the snapshot starts at the first read
+
+    def unpin(self) -> None:
+        self.rollback()
+
+    def state(self) -> tuple[int, int, int]:
+        """(generation, chunk count, row checksum) of what this connection sees."""
+        count = self.count_chunks()
+        stored = self.get_meta("rows_sum")
+        if stored is None:  # an older store, opened read-only: compute what the writer would have stored
+            checksum = row_checksum([r for (r,) in self.db.execute("SELECT row FROM chunks")])
+        else:
+            checksum = int(stored)
+        return int(self.get_meta("generation", "0")), count, checksum
 
     # -- transactions -----------------------------------------------------------------------
     def begin(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
+        self._sum = int(self.get_meta("rows_sum", "0"))
 
     def commit(self) -> None:
+        """Commit with the row checksum and a new generation: the change, its checksum and its number at once."""
+        self.set_meta("rows_sum", str(self._sum))
+        self.set_meta("generation", str(int(self.get_meta("generation", "0")) + 1))
         self.db.execute("COMMIT")
 
     def rollback(self) -> None:
@@ -94,6 +160,19 @@ class DocStore:
     # -- reads --------------------------------------------------------------------------------
     def doc_hashes(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT doc_id, content_hash FROM documents"))
+
+    def doc_roots(self) -> dict[str, str]:
+        """doc_id -> the corpus root it was read from ('' when unknown: written by an older rkit or a library call)."""
+        if not self.has_roots:
+            return {d: "" for (d,) in self.db.execute("SELECT doc_id FROM documents")}
+        return dict(self.db.execute("SELECT doc_id, root FROM documents"))
+
+    def set_root(self, old: str, new: str) -> int:
+        """Re-home documents after their corpus folder moved (call inside begin/commit)."""
+        return self.db.execute("UPDATE documents SET root = ? WHERE root = ?", (new, old)).rowcount
+
+    def all_rows(self) -> np.ndarray:
+        return np.fromiter((r for (r,) in self.db.execute("SELECT row FROM chunks ORDER BY row")), dtype=np.int64)
 
     def count_documents(self) -> int:
         return self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
@@ -125,9 +204,16 @@ class DocStore:
                 found[rec[0]] = _chunk_dict(rec)
         return found
 
-    def iter_batches(self, size: int = 1024) -> Iterator[Batch]:
-        """Every stored chunk as (rows, vectors, payloads) batches, in row order: what a backend rebuild eats."""
-        cur = self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks ORDER BY row")
+    def iter_batches(self, size: int = 1024, rows: Iterable[int] | None = None) -> Iterator[Batch]:
+        """Stored chunks as (rows, vectors, payloads) batches in row order (all, or only ``rows``): a backend rebuild's food."""
+        if rows is not None:
+            for part in chunked(sorted({int(r) for r in rows}), _IN_BATCH):
+                sql = f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks WHERE row IN ({','.join('?' * len(part))}) ORDER BY row"
+                yield from self._batches(self.db.execute(sql, part), size)
+            return
+        yield from self._batches(self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks ORDER BY row"), size)
+
+    def _batches(self, cur, size: int) -> Iterator[Batch]:
         while recs := cur.fetchmany(size):
             rows = np.array([r[0] for r in recs], dtype=np.int64)
             vectors = np.stack([np.frombuffer(r[-1], dtype="<f4") for r in recs]).astype(np.float32)
@@ -135,6 +221,7 @@ class DocStore:
 
     # -- writes (call inside begin/commit) ----------------------------------------------------
     def delete_documents(self, doc_ids: list[str]) -> int:
+        self._sum = (self._sum - row_checksum(self.rows_of(doc_ids))) & _MASK
         deleted = 0
         for part in chunked(doc_ids, _IN_BATCH):
             marks = ",".join("?" * len(part))
@@ -142,15 +229,17 @@ class DocStore:
             deleted += self.db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", part).rowcount
         return deleted
 
-    def insert_document(self, doc_id: str, content_hash: str, source: str, n_chunks: int, updated: str) -> None:
+    def insert_document(self, doc_id: str, content_hash: str, source: str, n_chunks: int, updated: str,
+                        root: str = "") -> None:
         self.db.execute(
-            "INSERT INTO documents(doc_id, content_hash, source, n_chunks, updated) VALUES (?, ?, ?, ?, ?)",
-            (doc_id, content_hash, source, n_chunks, updated),
+            "INSERT INTO documents(doc_id, content_hash, source, n_chunks, updated, root) VALUES (?, ?, ?, ?, ?, ?)",
+            (doc_id, content_hash, source, n_chunks, updated, root),
         )
 
     def insert_chunks(self, rows: np.ndarray, chunks: list[dict], vectors: np.ndarray) -> None:
         """Insert chunks already passed through ``normalise_chunks``."""
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        self._sum = (self._sum + row_checksum(rows)) & _MASK
         self.db.executemany(
             f"INSERT INTO chunks({_CHUNK_COLUMNS}, vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
