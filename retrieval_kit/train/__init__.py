@@ -28,7 +28,7 @@ from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_ev
 from .report import TrainingLog, model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
 from .responses import GenerationConfig, generate_responses
 from .ridge import fit_head, fit_query_anchor, mean_cos
-from .targets import embed_texts, target_store
+from .targets import embed_texts, target_cache
 
 __all__ = ["TrainConfig", "train"]
 
@@ -143,15 +143,16 @@ def stage_targets(encoder, split: QuerySplit, responses: dict[str, str], cfg: Tr
     train = [q for q in pool if q not in tune_set]
     if not train:
         raise TrainError("no training query got a non-empty response from the backbone")
-    store = target_store(cache_dir, encoder.config.teacher)
-    texts = [responses[q] for q in pool + val] + pool + val
-    with _bar("stage 2/4 teacher targets", len(set(texts)), progress) as advance:
-        embed_texts(store, texts, lambda chunk: encoder.encode_teacher(chunk, batch_size=cfg.eval_batch_size * 2),
-                    on_chunk=advance)
+    texts = list(dict.fromkeys([responses[q] for q in pool + val] + pool + val))
+    with _bar("stage 2/4 teacher targets", len(texts), progress) as advance:
+        matrix = embed_texts(target_cache(cache_dir, encoder.config.teacher), texts,
+                             lambda chunk: encoder.encode_teacher(chunk, batch_size=cfg.eval_batch_size * 2),
+                             on_chunk=advance)
+    table = dict(zip(texts, matrix))
     dim = encoder.config.embed_dim
 
     def vecs(texts: list[str]) -> torch.Tensor:
-        return torch.from_numpy(store.get(texts).astype(np.float32)) if texts else torch.zeros(0, dim)
+        return torch.from_numpy(np.stack([table[t] for t in texts])) if texts else torch.zeros(0, dim)
 
     answers = lambda qs: [responses[q] for q in qs]
     train_resp, train_query = vecs(answers(train)), vecs(train)
