@@ -1,8 +1,10 @@
 """The one on-disk cache for what rkit computes once and reuses: training responses and teacher targets,
 benchmark vectors and HyDE answers. One SQLite file (stdlib) per cache folder:
 
-    items(namespace, key, value)             key: sha256 of the exact input text; value: float32 bytes or UTF-8 text
-    namespaces(namespace, kind, dim, identity)  what produced the values (identity as JSON), and the vector width
+    namespaces(id, name, kind, dim, identity)  name: the namespace's full sha256; what produced its values
+                                               (identity as JSON), their kind and vector width
+    items(ns, key, value)                      ns: namespaces.id; key: the full sha256 (32 bytes) of the exact
+                                               input text; value: float32 bytes or UTF-8 text
 
 A namespace is the full sha256 of everything the values depend on: the model's identity (its name, and for a
 model on disk its resolved path and a digest of its files; for the packaged backbone the GGUF's digest; for an
@@ -34,15 +36,17 @@ from .errors import RkitError
 from .paths import rkit_home
 
 FILE_NAME = "cache.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+PAGE_SIZE = 16384  # rows are vectors of 1.5-4 KB: 4 KB pages would waste a third of the file
 BUSY_TIMEOUT_S = 600  # transactions are one batch long: a wait this long means something is stuck
 _IN_CHUNK = 500  # keys per SELECT ... IN (...): below every SQLite build's variable limit
 
 Stage = Callable[[int], ContextManager[Callable[[int], None]]]  # stage(n_to_compute) -> advance(n)
 
 
-def text_key(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def text_key(text: str) -> bytes:
+    """An item's key: the full sha256 of the exact text."""
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def namespace_id(kind: str, identity: dict) -> str:
@@ -97,6 +101,7 @@ class CacheStore:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             try:
                 db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+                db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect on a new file only
                 db.execute("PRAGMA journal_mode=WAL")  # persistent: readers and a writer never block each other
                 db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit, never corrupts
                 if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
@@ -113,39 +118,40 @@ class CacheStore:
             if version not in (0, SCHEMA_VERSION):
                 raise self.error(f"the cache {self.path} was written by another rkit version (schema "
                                  f"{version}): delete it or choose another cache folder")
-            db.execute("CREATE TABLE IF NOT EXISTS namespaces (namespace TEXT PRIMARY KEY, kind TEXT NOT NULL,"
-                       " dim INTEGER, identity TEXT NOT NULL)")
-            db.execute("CREATE TABLE IF NOT EXISTS items (namespace TEXT NOT NULL, key TEXT NOT NULL,"
-                       " value BLOB NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID")
+            db.execute("CREATE TABLE IF NOT EXISTS namespaces (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,"
+                       " kind TEXT NOT NULL, dim INTEGER, identity TEXT NOT NULL)")
+            # a rowid table: values are too large for WITHOUT ROWID (they would spill into overflow pages)
+            db.execute("CREATE TABLE IF NOT EXISTS items (ns INTEGER NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,"
+                       " PRIMARY KEY (ns, key))")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def _lookup(self, ns: "Namespace", keys: list[str]) -> tuple[int | None, dict[str, bytes | str]]:
+    def _lookup(self, ns: "Namespace", keys: list[bytes]) -> tuple[int | None, dict[bytes, bytes | str]]:
         """The namespace's stored width and key -> raw value, read from one snapshot (a concurrent writer's
         first batch is seen whole or not at all)."""
-        found: dict[str, bytes | str] = {}
+        found: dict[bytes, bytes | str] = {}
         with self._guard():
             db = self._connect()
             with _transaction(db, "BEGIN"):
-                row = db.execute("SELECT dim FROM namespaces WHERE namespace=?", (ns.name,)).fetchone()
+                row = db.execute("SELECT id, dim FROM namespaces WHERE name=?", (ns.name,)).fetchone()
                 for start in range(0, len(keys) if row else 0, _IN_CHUNK):
                     part = keys[start:start + _IN_CHUNK]
                     marks = ",".join("?" * len(part))
-                    found.update(db.execute(f"SELECT key, value FROM items WHERE namespace=? AND key IN ({marks})",
-                                            (ns.name, *part)))
-        return (row[0] if row else None), found
+                    found.update(db.execute(f"SELECT key, value FROM items WHERE ns=? AND key IN ({marks})",
+                                            (row[0], *part)))
+        return (row[1] if row else None), found
 
-    def _put(self, ns: "Namespace", dim: int | None, rows: list[tuple[str, bytes | str]]) -> None:
+    def _put(self, ns: "Namespace", dim: int | None, rows: list[tuple[bytes, bytes | str]]) -> None:
         with self._guard():
             db = self._connect()
             with _transaction(db):
-                db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?, ?, ?)",
+                db.execute("INSERT OR IGNORE INTO namespaces (name, kind, dim, identity) VALUES (?, ?, ?, ?)",
                            (ns.name, ns.kind, dim, json.dumps(ns.identity, sort_keys=True, default=str)))
-                kind, stored_dim = db.execute("SELECT kind, dim FROM namespaces WHERE namespace=?",
-                                              (ns.name,)).fetchone()
+                ns_id, kind, stored_dim = db.execute("SELECT id, kind, dim FROM namespaces WHERE name=?",
+                                                     (ns.name,)).fetchone()
                 if (kind, stored_dim) != (ns.kind, dim):
                     raise self.error(f"the cache {self.path} holds {kind} values of width {stored_dim} where "
                                      f"{ns.kind} of width {dim} were expected: delete it")
-                db.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?)", ((ns.name, k, v) for k, v in rows))
+                db.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?)", ((ns_id, k, v) for k, v in rows))
 
 
 @contextlib.contextmanager
@@ -183,9 +189,9 @@ class Namespace:
 
     def lookup(self, texts: Sequence[str]) -> dict:
         """text -> stored value, for the texts already stored."""
-        distinct = list(dict.fromkeys(texts))
-        self.dim, raw = self.store._lookup(self, [text_key(t) for t in distinct])
-        return {t: self._decode(raw[k]) for t, k in ((t, text_key(t)) for t in distinct) if k in raw}
+        keys = {t: text_key(t) for t in texts}
+        self.dim, raw = self.store._lookup(self, list(keys.values()))
+        return {t: self._decode(raw[k]) for t, k in keys.items() if k in raw}
 
     def put(self, texts: Sequence[str], values) -> list:
         """Store one batch in one transaction; returns the values as they were stored."""

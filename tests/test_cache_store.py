@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _vec(text: str, dim: int = 8) -> np.ndarray:
     """A value anyone can recompute from the text: what every process must find stored for it."""
-    rng = np.random.default_rng(int(text_key(text)[:8], 16))
+    rng = np.random.default_rng(int.from_bytes(text_key(text)[:8], "big"))
     return rng.standard_normal(dim).astype(np.float32)
 
 
