@@ -12,14 +12,20 @@ from rich.console import Console
 
 from retrieval_kit.errors import RkitError
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output is not wrapped at 80 columns (rich's default without a terminal): ids and paths must stay whole.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print one line to stderr and exit non-zero."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (bad files skipped under --skip-bad-files, …)."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def guarded(func: Callable) -> Callable:
@@ -52,7 +58,10 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
+    from retrieval_kit.corpus.readers import CorpusWarning
+
+    warnings.filterwarnings("ignore")  # third-party deprecation noise is not the user's business …
+    warnings.filterwarnings("default", category=CorpusWarning)  # … rkit's own warnings are
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

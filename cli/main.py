@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 
-from .common import console, guarded, print_json, quiet_libraries  # noqa: E402
+from .common import console, guarded, print_json, quiet_libraries, warn  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rkit: retrieval with generative query embeddings.")
@@ -22,19 +22,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @guarded
 def index_cmd(
     corpus: Path = typer.Argument(..., help="Folder of .txt/.md/.html/.pdf/.jsonl files, a single file, or a BEIR folder."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Index name (default: the corpus folder's name)."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Index name (default: the corpus folder's name); a name, not a path."),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
-    backend: str = typer.Option("faiss", help="faiss or qdrant."),
-    factory: str = typer.Option("Flat", help="FAISS index_factory string, e.g. Flat, HNSW32, IVF256,Flat."),
+    backend: Optional[str] = typer.Option(None, help="faiss (default for a new index) or qdrant."),
+    factory: Optional[str] = typer.Option(None, help="FAISS index_factory string, e.g. Flat (default), HNSW32, IVF256,Flat."),
     qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (default: embedded local mode)."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
     doc_encoder: str = typer.Option("teacher", "--doc-encoder", help="teacher (input side, default) or generative."),
-    query_mode: str = typer.Option("auto", "--query-mode", help="Default for searches: auto, generative, teacher, fused."),
-    fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight", min=0.0, max=1.0,
+    query_mode: Optional[str] = typer.Option(None, "--query-mode", help="Default for searches: auto, generative, teacher, fused."),
+    fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight",
                                                 help="Weight of the generative vector in fused mode (default: the adapter's fitted weight)."),
-    chunk_words: int = typer.Option(200, "--chunk-words", min=1),
-    overlap: int = typer.Option(40, "--overlap", min=0),
+    chunk_words: Optional[int] = typer.Option(None, "--chunk-words", help="Words per chunk (default 200; chunks are also capped by the document encoder's token window)."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Words shared by consecutive chunks (default 40)."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Warn about unreadable files instead of stopping."),
+    wait: bool = typer.Option(False, "--wait", help="If another rkit index is writing this index, wait for it instead of exiting."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Delete this index's own files first and build it again from the corpus."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda when present)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
@@ -42,47 +44,63 @@ def index_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from retrieval_kit.errors import InputError
+    from retrieval_kit.index.core import check_name
     from retrieval_kit.indexer import IndexSettings, index_corpus
-    from retrieval_kit.models import load_encoder
     from retrieval_kit.paths import index_home
     from retrieval_kit.search import adapter_path
 
     quiet_libraries()
     if not corpus.exists():
         raise InputError(f"corpus path does not exist: {corpus}")
-    if query_mode not in ("auto", "generative", "teacher", "fused"):
-        raise InputError(f"unknown --query-mode '{query_mode}' (use auto, generative, teacher or fused)")
-    name = name or corpus.resolve().name or "index"
+    name = check_name(name or corpus.resolve().name or "index")
+    for flag, value in (("--chunk-words", chunk_words), ("--overlap", overlap)):
+        if value is not None and value < (1 if flag == "--chunk-words" else 0):
+            raise InputError(f"{flag} must be {'at least 1' if flag == '--chunk-words' else 'at least 0'}, got {value}")
     folder = (index_dir or index_home()) / name
     settings = IndexSettings(backend=backend, factory=factory, qdrant_url=qdrant_url, doc_mode=doc_encoder,
                              query_mode=query_mode, fuse_weight=fuse_weight, chunk_words=chunk_words, overlap=overlap,
                              on_error="skip" if skip_bad_files else "raise")
-    if doc_encoder not in ("teacher", "generative"):
-        raise InputError(f"unknown --doc-encoder '{doc_encoder}' (use teacher or generative)")
     adapter_folder, adapter_name = adapter_path(adapter)
-    encoder = load_encoder(adapter_folder, device=device)
+
+    def load():
+        from retrieval_kit.models import load_encoder
+
+        return load_encoder(adapter_folder, device=device)
+
     columns = (TextColumn("embedding chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("embed", total=None)
-        report = index_corpus(corpus, folder, encoder, adapter_name, settings,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+        report = index_corpus(corpus, folder, load, adapter_name, settings, wait=wait, rebuild=rebuild,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total),
+                              warn=lambda message: warn(f"skipped {message}"))
     if as_json:
         print_json(report.as_dict())
         return
-    console.print(f"[bold]{report.index}[/] → {folder}  ({settings.backend}, encoder {report.encoder['fingerprint']})")
+    console.print(f"[bold]{report.index}[/] → {folder}  (encoder {report.encoder['fingerprint']})", highlight=False)
     console.print(f"  documents: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
                   f"{report.deleted} deleted · {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s")
     console.print(f"  now holds {report.total_documents} documents / {report.total_chunks} chunks; "
                   f"queries default to '{report.encoder['query_mode']}' mode")
+    for note in report.notes:
+        console.print(f"  note: {note}", highlight=False)
+
+
+def _top_k(k: int) -> int:
+    from retrieval_kit.errors import InputError
+
+    if not 1 <= k <= 1000:
+        raise InputError(f"-k must be from 1 to 1000, got {k}")
+    return k
 
 
 @app.command("search")
 @guarded
 def search_cmd(
     query: list[str] = typer.Argument(..., help="One or more queries."),
-    index: str = typer.Option(..., "--index", "-i", help="Index name (under ./indexes) or folder."),
-    k: int = typer.Option(5, "-k", "--top-k", min=1, max=1000),
-    explain: bool = typer.Option(False, "--explain", help="Also decode each query embedding back into text."),
+    index: str = typer.Option(..., "--index", "-i", help="Index name (under the index home) or a path such as ./kb."),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
+    k: int = typer.Option(5, "-k", "--top-k", help="Hits per query (1-1000)."),
+    explain: bool = typer.Option(False, "--explain", help="Also decode each query's generative embedding back into text."),
     explain_tokens: int = typer.Option(48, "--explain-tokens", min=1, max=512),
     query_mode: Optional[str] = typer.Option(None, "--query-mode", help="generative, teacher or fused (default: the index's)."),
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
@@ -90,11 +108,12 @@ def search_cmd(
     device: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
 ):
-    """Search an index."""
+    """Search an index (read-only: safe while rkit index writes it)."""
     from retrieval_kit.search import Retriever
 
     quiet_libraries()
-    with Retriever.open(index, adapter=adapter, device=device) as retriever:
+    _top_k(k)
+    with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens)
         info = retriever.encoder.describe()
@@ -117,11 +136,18 @@ def _print_result(result, info: dict) -> None:
         rouge = info.get("explain_rouge_l")
         if info["trained"] and rouge is not None and rouge < 0.2:  # say so rather than pass noise off as an answer
             note = f" [dim](this adapter's decodes are not yet faithful: held-out ROUGE-L {rouge:.2f}, see its model card)[/]"
+        if result.query_mode != "generative":  # the decode reads the generative vector, not the one that searched
+            note += f" [dim](decoded from the generative embedding; this search used {result.query_mode} vectors)[/]"
         text = " ".join(result.explanation.split()) or "∅"  # one paragraph: decoded text may be mostly newlines
         console.print(f"[italic]explanation:[/] {text}{note}", highlight=False)
+    if not result.hits:
+        console.print("no hits (the index is empty)")
+        return
     table = Table(show_lines=False)
-    for col in ("#", "score", "source", "snippet"):
-        table.add_column(col, overflow="fold")
+    table.add_column("#", no_wrap=True)
+    table.add_column("score", no_wrap=True)
+    table.add_column("source", no_wrap=True, overflow="ellipsis")
+    table.add_column("snippet", overflow="fold")
     for rank, hit in enumerate(result.hits, 1):
         table.add_row(str(rank), f"{hit.score:.3f}", f"{hit.source}#{hit.chunk_id.rsplit('#', 1)[-1]}",
                       snippet(hit.text, 160))
@@ -131,22 +157,30 @@ def _print_result(result, info: dict) -> None:
 @app.command("info")
 @guarded
 def info_cmd(
-    index: str = typer.Argument(..., help="Index name (under ./indexes) or folder."),
+    index: str = typer.Argument(..., help="Index name (under the index home) or a path such as ./kb."),
+    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """What an index holds: documents, chunks, dim, backend, encoder fingerprint."""
+    """What an index holds: documents, chunks, dim, backend, encoder fingerprints (read-only)."""
     from retrieval_kit.search import open_index_info
 
-    info = open_index_info(index)
+    info = open_index_info(index, index_dir)
     if as_json:
         print_json(info)
         return
     enc = info.get("encoder", {})
-    rows = [("folder", info["folder"]), ("backend", info["backend"] + (f" ({info.get('factory')})" if info["backend"] == "faiss" else "")),
-            ("documents", info["counts"]["documents"]), ("chunks", info["counts"]["chunks"]), ("dim", info["dim"]),
-            ("encoder", f"{enc.get('fingerprint')} · backbone {enc.get('backbone')} · teacher {enc.get('teacher')} · "
-                        f"adapter {enc.get('adapter')} ({'trained' if enc.get('trained') else 'untrained'})"),
-            ("modes", f"documents: {enc.get('doc_mode')} · queries: {enc.get('query_mode')}"),
+    backend = info["backend"] + (f" ({info.get('factory')})" if info["backend"] == "faiss" else "")
+    if info.get("exact_standin"):
+        backend += " — exact search until there are enough vectors to train it"
+    rows = [("folder", info["folder"]), ("backend", backend),
+            ("documents", info["counts"]["documents"]), ("chunks", info["counts"]["chunks"]),
+            ("vectors", info.get("vectors")), ("dim", info["dim"]), ("generation", info.get("generation")),
+            ("documents", f"space {enc.get('doc_fingerprint') or enc.get('fingerprint')} · embedded by {enc.get('doc_mode')}"),
+            ("queries", f"encoder {enc.get('fingerprint')} · backbone {enc.get('backbone')} · teacher {enc.get('teacher')} · "
+                        f"adapter {enc.get('adapter')} ({'trained' if enc.get('trained') else 'untrained'}) · "
+                        f"default mode {enc.get('query_mode')}"),
+            ("chunking", ", ".join(f"{k} {v}" for k, v in (info.get("chunking") or {}).items())),
+            ("roots", ", ".join(info.get("corpus_roots") or []) or "-"),
             ("created", info.get("created")), ("updated", info.get("updated")),
             ("size", f"{info.get('size_bytes', 0) / 1e6:.1f} MB")]
     for key, value in rows:
@@ -155,17 +189,34 @@ def info_cmd(
 
 @app.command("list")
 @guarded
-def list_cmd(index_dir: Optional[Path] = typer.Option(None, "--index-dir"), as_json: bool = typer.Option(False, "--json")):
+def list_cmd(index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
+             as_json: bool = typer.Option(False, "--json")):
     """Indexes under the index home."""
+    from rich.table import Table
+
     from retrieval_kit.index import list_indexes
     from retrieval_kit.paths import index_home
 
-    found = list_indexes(index_dir or index_home())
+    home = index_dir or index_home()
+    found = list_indexes(home)
     if as_json:
         print_json(found)
         return
+    if not found:
+        console.print(f"no indexes under {home} (build one: rkit index DOCS --name kb)", highlight=False)
+        return
+    table = Table()
+    for col in ("name", "backend", "documents", "chunks", "dim", "encoder", "updated", "size"):
+        table.add_column(col, no_wrap=True)
     for item in found:
-        console.print(item)
+        if "error" in item:
+            table.add_row(item["name"], f"[red]{item['error']}[/]", "", "", "", "", "", "")
+            continue
+        backend = item["backend"] + (f" {item['factory']}" if item.get("factory") else "") + (
+            f" {item['qdrant_url']}" if item.get("qdrant_url") else "")
+        table.add_row(item["name"], backend, str(item["documents"]), str(item["chunks"]), str(item["dim"]),
+                      item["encoder"], str(item["updated"]), f"{item['size_bytes'] / 1e6:.1f} MB")
+    console.print(table)
 
 
 from .bench import bench_app  # noqa: E402

@@ -1,8 +1,14 @@
 """Build or update an index from a corpus: files → chunks → document vectors → index.
 
-Incremental: a document whose content hash is unchanged is skipped, a changed one is re-embedded and
-replaces its old chunks, and a document that disappeared from the corpus root is removed. The whole corpus
-is read and validated before the index is touched, so a bad file never costs what is already indexed.
+Order of work, so that mistakes cost seconds and nothing already indexed is lost:
+1. read and validate every file (all bad files are reported at once), before any model loads;
+2. take the index's writer lock and check the settings against the index (a second writer fails here);
+3. load the encoder (the caller's ``load_encoder``), chunk by its document tokenizer, embed what changed;
+4. write whole documents per transaction, prune what vanished from this corpus root, save.
+
+Incremental: a document is re-embedded when its content hash changes or when the chunking recipe
+changed; documents are owned by the corpus root they were read from, so two folders can feed one index
+without overwriting each other, and pruning only ever removes documents of the root being indexed.
 """
 
 from __future__ import annotations
@@ -10,27 +16,33 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .corpus import Chunk, Document, load_corpus
-from .errors import IndexError_, InputError
+from .corpus import Chunk, Document, chunk_document, embed_text, read_corpus
+from .errors import CorpusError, IndexError_, InputError
 from .index import Index
-from .models import GenerativeEncoder
+from .index.core import MANIFEST, check_name, is_index_folder, remove_index
+from .models import DOC_MODES, GenerativeEncoder
 
 EMBED_BATCH_CHUNKS = 256  # chunks embedded and written per step: bounds memory, keeps progress moving
+QUERY_MODE_CHOICES = ("auto", "generative", "teacher", "fused")
+DEFAULTS = {"backend": "faiss", "factory": "Flat", "chunk_words": 200, "overlap": 40}
 
 
 @dataclass
 class IndexSettings:
-    backend: str = "faiss"
-    factory: str = "Flat"
+    """What the user asked for. None: keep what the index already records (or the default for a new index)."""
+
+    backend: str | None = None
+    factory: str | None = None
     qdrant_url: str | None = None
     doc_mode: str = "teacher"  # documents embedded input-side by the teacher (cheap) or by the generative encoder
-    query_mode: str = "auto"  # what `search` uses unless told otherwise; auto: see resolve_query_mode
+    query_mode: str | None = None  # default for searches; auto: see resolve_query_mode
     fuse_weight: float | None = None  # None: the adapter's fitted weight
-    chunk_words: int = 200
-    overlap: int = 40
+    chunk_words: int | None = None
+    overlap: int | None = None
     on_error: str = "raise"
     prune: bool = True  # remove documents that vanished from this corpus root
 
@@ -47,121 +59,276 @@ class IndexReport:
     total_chunks: int = 0
     seconds: float = 0.0
     encoder: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # settings changes, moves, stand-ins: said once, plainly
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def resolve_query_mode(mode: str, encoder: GenerativeEncoder) -> str:
+def resolve_query_mode(mode: str | None, encoder: GenerativeEncoder) -> str:
     """auto: the mode the trainer found best on held-out queries; for adapters that predate that record, generative
     iff trained; teacher for the untrained stand-in."""
-    if mode == "auto":
+    if mode in (None, "auto"):
         if not encoder.config.trained:
             return "teacher"
         return encoder.config.query_mode or "generative"
     return mode
 
 
-def encoder_record(encoder: GenerativeEncoder, adapter: str, settings: IndexSettings) -> dict:
+def encoder_record(encoder: GenerativeEncoder, adapter: str, doc_mode: str, query_mode: str | None,
+                   fuse_weight: float | None) -> dict:
     """What the manifest remembers about the encoder: enough to reload it and to refuse a different one."""
     return {
         **encoder.describe(),
+        "doc_fingerprint": encoder.doc_fingerprint(doc_mode),
         "adapter": adapter,
-        "doc_mode": settings.doc_mode,
-        "query_mode": resolve_query_mode(settings.query_mode, encoder),
-        "fuse_weight": encoder.config.fuse_weight if settings.fuse_weight is None else settings.fuse_weight,
+        "doc_mode": doc_mode,
+        "query_mode": resolve_query_mode(query_mode, encoder),
+        "fuse_weight": encoder.config.fuse_weight if fuse_weight is None else fuse_weight,
     }
 
 
-def chunk_text(chunk: Chunk) -> str:
-    """Text embedded for a chunk: the title gives short chunks their context."""
-    if chunk.title and not chunk.text.startswith(chunk.title):
-        return f"{chunk.title}\n{chunk.text}"
-    return chunk.text
+def chunk_recipe(encoder: GenerativeEncoder, doc_mode: str, chunk_words: int, overlap: int) -> dict:
+    """Everything chunk boundaries depend on; a change re-chunks and re-embeds every document."""
+    return {"chunk_words": chunk_words, "overlap": overlap, "max_tokens": _max_tokens(encoder, doc_mode),
+            "tokenizer": encoder.doc_fingerprint("teacher") if doc_mode == "teacher" else encoder.config.backbone}
 
 
-def index_corpus(corpus: str | Path, folder: Path, encoder: GenerativeEncoder, adapter: str,
-                 settings: IndexSettings, progress=None) -> IndexReport:
-    """Create `folder` if needed and bring it in step with `corpus`. `progress(done, total)` is called as chunks embed."""
+def check_settings(settings: IndexSettings) -> None:
+    """Flags that are wrong whatever the corpus: checked before anything is read or loaded."""
+    if settings.doc_mode not in DOC_MODES:
+        raise InputError(f"unknown --doc-encoder '{settings.doc_mode}' (use {' or '.join(DOC_MODES)})")
+    if settings.query_mode is not None and settings.query_mode not in QUERY_MODE_CHOICES:
+        raise InputError(f"unknown --query-mode '{settings.query_mode}' (use {', '.join(QUERY_MODE_CHOICES)})")
+    if settings.backend is not None and settings.backend not in ("faiss", "qdrant"):
+        raise InputError(f"unknown --backend '{settings.backend}' (use faiss or qdrant)")
+    if settings.qdrant_url and settings.backend not in (None, "qdrant"):
+        raise InputError("--qdrant-url is for --backend qdrant")
+    if settings.factory is not None and settings.backend == "qdrant":
+        raise InputError("--factory is for the faiss backend")
+    if settings.fuse_weight is not None and not 0 <= settings.fuse_weight <= 1:
+        raise InputError(f"--fuse-weight must be between 0 and 1, got {settings.fuse_weight}")
+    words = settings.chunk_words if settings.chunk_words is not None else DEFAULTS["chunk_words"]
+    overlap = settings.overlap if settings.overlap is not None else DEFAULTS["overlap"]
+    if words < 1 or not 0 <= overlap < words:
+        raise InputError(f"--overlap must be from 0 to --chunk-words - 1 ({words - 1}), got {overlap}")
+
+
+def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], GenerativeEncoder], adapter: str,
+                 settings: IndexSettings, progress=None, *, wait: float | bool = False,
+                 rebuild: bool = False, warn: Callable[[str], None] | None = None) -> IndexReport:
+    """Bring the index in ``folder`` in step with ``corpus`` (creating it if needed).
+
+    ``load_encoder`` is called only once the corpus is read and the index is locked and checked.
+    ``progress(done, total)`` is called as chunks embed; ``warn(message)`` for every skipped bad file.
+    """
     start = time.perf_counter()
-    docs, chunks = load_corpus(corpus, chunk_words=settings.chunk_words, overlap=settings.overlap,
-                               on_error=settings.on_error)
-    root = str(Path(corpus).resolve())
-    index = _open_or_create(folder, encoder, adapter, settings)
-    report = IndexReport(index=index.name, encoder=index.manifest["encoder"])
+    check_settings(settings)
+    check_name(Path(folder).name)
+    docs, root = _read(corpus, settings.on_error, warn)
+    if rebuild:
+        remove_index(folder, wait=wait)
+    index = Index.open(folder, writable=True, wait=wait) if _exists(folder) else None
     try:
+        if index is not None:
+            _check_against_index(index, settings)
+        encoder = load_encoder()
+        if index is None:
+            index = _create(folder, encoder, adapter, settings, wait)
+        report = IndexReport(index=index.name)
+        _adopt_encoder(index, encoder, adapter, settings)
+        recipe = chunk_recipe(encoder, settings.doc_mode, *_chunking(index, settings))
+        rechunk = index.manifest.get("chunking") != recipe and index.count_documents() > 0
+        _check_roots(index, docs, root, rechunk, report)
+        if settings.factory is not None and settings.factory != index.manifest.get("factory"):
+            report.notes.append(f"factory changed from {index.manifest.get('factory')} to {settings.factory}: "
+                                "rebuilt from the stored vectors (nothing re-embedded)")
+            index.set_factory(settings.factory)
+        if rechunk:
+            report.notes.append(f"chunking changed ({_describe_recipe(index.manifest.get('chunking'))} → "
+                                f"{_describe_recipe(recipe)}): re-chunking and re-embedding every document")
+        index.manifest["chunking"] = recipe
+
         known = index.doc_hashes()
-        changed = [d for d in docs if known.get(d.doc_id) != d.content_hash]
+        changed = [d for d in docs if rechunk or known.get(d.doc_id) != d.content_hash]
         report.updated = sum(d.doc_id in known for d in changed)
         report.added = len(changed) - report.updated
         report.unchanged = len(docs) - len(changed)
-        _embed_and_write(index, encoder, changed, chunks, settings.doc_mode, progress, report)
-        roots = index.manifest.setdefault("corpus_roots", [])
-        if settings.prune and roots == [root]:
-            # ids are root-relative, so only an index fed from this one root can tell what vanished
+        chunks = _chunk(changed, encoder, settings.doc_mode, recipe)
+        report.chunks_embedded = _embed_and_write(index, encoder, changed, chunks, settings.doc_mode, root, progress)
+        if settings.prune:
             present = {d.doc_id for d in docs}
-            report.deleted = index.delete_documents([d for d in known if d not in present])
+            gone = [d for d, r in index.doc_roots().items() if r == root and d not in present]
+            report.deleted = index.delete_documents(gone)
+        roots = index.manifest.setdefault("corpus_roots", [])
         if root not in roots:
-            index.manifest["corpus_roots"].append(root)
+            roots.append(root)
         index.save()
+        if getattr(index.backend, "standin", False):
+            report.notes.append(f"factory {index.manifest['factory']} needs more vectors to train than the "
+                                f"{index.count_chunks()} stored: exact search serves until there are enough")
         report.total_documents, report.total_chunks = index.count_documents(), index.count_chunks()
+        report.encoder = index.manifest["encoder"]
     finally:
-        index.close()
+        if index is not None:
+            index.close()
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
 
-def _open_or_create(folder: Path, encoder: GenerativeEncoder, adapter: str, settings: IndexSettings) -> Index:
-    record = encoder_record(encoder, adapter, settings)
-    if (folder / "manifest.json").is_file():
-        index = Index.open(folder)
-        try:
-            index.check_encoder(encoder.fingerprint, encoder.config.embed_dim)
-            stored = index.manifest["encoder"].get("doc_mode")
-            if stored != settings.doc_mode:
-                raise IndexError_(f"index '{index.name}' embeds documents with '{stored}', not '{settings.doc_mode}'; "
-                                  "use a new --name to change it")
-        except BaseException:
-            index.close()
-            raise
-        return index
-    if settings.backend not in ("faiss", "qdrant"):
-        raise InputError(f"unknown backend '{settings.backend}' (use faiss or qdrant)")
-    chunking = {"chunk_words": settings.chunk_words, "overlap": settings.overlap}
-    return Index.create(folder, dim=encoder.config.embed_dim, backend=settings.backend, factory=settings.factory,
-                        qdrant_url=settings.qdrant_url, encoder=record, chunking=chunking, name=folder.name)
+# -- steps ------------------------------------------------------------------------------------
+def _read(corpus, on_error: str, warn) -> tuple[list[Document], str]:
+    import warnings
+
+    from .corpus.readers import CorpusWarning
+
+    path = Path(corpus)
+    if not path.exists():
+        raise InputError(f"corpus path does not exist: {corpus}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorpusWarning)
+        docs = list(read_corpus(path, on_error=on_error))
+    for w in caught:
+        if issubclass(w.category, CorpusWarning) and warn is not None:
+            warn(str(w.message))
+    if not docs:
+        raise CorpusError(f"no documents found in {corpus} (looked for .txt .md .html .pdf .jsonl)")
+    # a single file's documents are keyed by its name, a folder's by paths relative to it: the root owns them
+    return docs, str(path.resolve())
+
+
+def _exists(folder: Path) -> bool:
+    """An index to update; a folder that exists but is not rkit's is refused now, before any model loads."""
+    if not folder.exists():
+        return False
+    if not is_index_folder(folder):
+        if folder.is_dir() and not any(folder.iterdir()):
+            return False
+        raise InputError(f"folder {folder} already exists and is not an rkit index; choose another --name or "
+                         "--index-dir (rkit never writes into a folder it did not make)")
+    return (folder / MANIFEST).is_file() or (folder / "docs.sqlite").is_file()
+
+
+def _check_against_index(index: Index, settings: IndexSettings) -> None:
+    """Settings an existing index cannot take without a new index: said before any model loads."""
+    m = index.manifest
+    if settings.backend is not None and settings.backend != m["backend"]:
+        raise IndexError_(f"{index.label} uses the {m['backend']} backend, not {settings.backend}; "
+                          "build a new index for it (another --name), or pass --rebuild to replace this one")
+    url = (m.get("qdrant") or {}).get("url")
+    if settings.qdrant_url is not None and settings.qdrant_url != url:
+        raise IndexError_(f"{index.label} lives at {url or 'local mode'}, not {settings.qdrant_url}; "
+                          "use another --name for another Qdrant")
+    if settings.factory is not None and m["backend"] != "faiss":
+        raise InputError(f"{index.label} uses the qdrant backend; --factory is for faiss indexes")
+    stored = (m.get("encoder") or {}).get("doc_mode")
+    if stored and stored != settings.doc_mode:
+        raise IndexError_(f"{index.label} embeds documents with '{stored}', not '{settings.doc_mode}'; "
+                          "use a new --name (or --rebuild) to change it")
+
+
+def _create(folder: Path, encoder: GenerativeEncoder, adapter: str, settings: IndexSettings, wait) -> Index:
+    record = encoder_record(encoder, adapter, settings.doc_mode, settings.query_mode, settings.fuse_weight)
+    return Index.create(folder, dim=encoder.config.embed_dim, backend=settings.backend or DEFAULTS["backend"],
+                        factory=settings.factory or DEFAULTS["factory"], qdrant_url=settings.qdrant_url,
+                        encoder=record, name=folder.name, wait=wait)
+
+
+def _adopt_encoder(index: Index, encoder: GenerativeEncoder, adapter: str, settings: IndexSettings) -> None:
+    """Refuse an encoder whose documents live in another space; otherwise record it as the index's query encoder."""
+    index.check_document_space(encoder.doc_fingerprint(settings.doc_mode), encoder.config.embed_dim)
+    old = index.manifest.get("encoder") or {}
+    query_mode = settings.query_mode if settings.query_mode is not None else old.get("query_mode")
+    fuse = settings.fuse_weight if settings.fuse_weight is not None else (
+        old.get("fuse_weight") if old.get("fingerprint") == encoder.fingerprint else None)
+    index.manifest["encoder"] = encoder_record(encoder, adapter, settings.doc_mode, query_mode, fuse)
+
+
+def _chunking(index: Index, settings: IndexSettings) -> tuple[int, int]:
+    stored = index.manifest.get("chunking") or {}
+    words = settings.chunk_words if settings.chunk_words is not None else stored.get("chunk_words", DEFAULTS["chunk_words"])
+    overlap = settings.overlap if settings.overlap is not None else stored.get("overlap", DEFAULTS["overlap"])
+    if not 0 <= overlap < words:
+        raise InputError(f"--overlap must be from 0 to --chunk-words - 1 ({words - 1}), got {overlap}")
+    return int(words), int(overlap)
+
+
+def _check_roots(index: Index, docs: list[Document], root: str, rechunk: bool, report: IndexReport) -> None:
+    """Documents belong to the corpus root they came from. Refuse id clashes with another root; adopt a moved root."""
+    roots = index.manifest.setdefault("corpus_roots", [])
+    owners = index.doc_roots()
+    if "" in owners.values() and len(roots) == 1:  # written before documents recorded their root
+        index.move_root("", roots[0])
+        owners = index.doc_roots()
+    if root not in roots and len(roots) == 1 and not Path(roots[0]).exists():
+        moved = index.move_root(roots[0], root)
+        report.notes.append(f"corpus root {roots[0]} no longer exists: its {moved} documents now belong to {root}")
+        roots[:] = [root]
+        owners = index.doc_roots()
+    clashes = [d.doc_id for d in docs if owners.get(d.doc_id, root) not in (root, "")]
+    if clashes:
+        other = owners[clashes[0]]
+        raise IndexError_(f"{index.label}: {len(clashes)} document id(s) of {root} are already indexed from {other} "
+                          f"(e.g. '{clashes[0]}'); index their common parent folder instead, or use another --name")
+    others = sorted({r for r in owners.values() if r != root})
+    if rechunk and others:
+        raise IndexError_(f"{index.label}: the chunking changed but documents of other corpus roots "
+                          f"({', '.join(others)}) would keep the old one; "
+                          "re-index with the old --chunk-words/--overlap, or build a new index (--rebuild)")
+
+
+def _max_tokens(encoder: GenerativeEncoder, doc_mode: str) -> int | None:
+    if doc_mode == "teacher" and encoder.teacher is not None:
+        return int(encoder.teacher.max_seq_length)
+    return int(encoder.config.max_query_tokens)
+
+
+def _tokenizer(encoder: GenerativeEncoder, doc_mode: str):
+    return encoder.teacher.tokenizer if doc_mode == "teacher" and encoder.teacher is not None else encoder.tokenizer
+
+
+def _chunk(docs: list[Document], encoder: GenerativeEncoder, doc_mode: str, recipe: dict) -> list[Chunk]:
+    tokenizer = _tokenizer(encoder, doc_mode)
+    return [c for d in docs for c in chunk_document(d, chunk_words=recipe["chunk_words"], overlap=recipe["overlap"],
+                                                   tokenizer=tokenizer, max_tokens=recipe["max_tokens"])]
+
+
+def _describe_recipe(recipe: dict | None) -> str:
+    recipe = recipe or {}
+    cap = f", ≤{recipe['max_tokens']} tokens" if recipe.get("max_tokens") else ""
+    return f"{recipe.get('chunk_words', '?')} words, overlap {recipe.get('overlap', '?')}{cap}"
 
 
 def _embed_and_write(index: Index, encoder: GenerativeEncoder, changed: list[Document], chunks: list[Chunk],
-                     doc_mode: str, progress, report: IndexReport) -> None:
+                     doc_mode: str, root: str, progress) -> int:
     """Embed the chunks of changed documents in bounded batches and write whole documents at a time."""
-    wanted = {d.doc_id: d for d in changed}
     by_doc: dict[str, list[Chunk]] = {}
     for c in chunks:
-        if c.doc_id in wanted:
-            by_doc.setdefault(c.doc_id, []).append(c)
-    total = sum(len(v) for v in by_doc.values())
+        by_doc.setdefault(c.doc_id, []).append(c)
+    total = len(chunks)
     done = pending_chunks = 0
     pending: list[Document] = []
     for doc in changed:
         pending.append(doc)
         pending_chunks += len(by_doc.get(doc.doc_id, []))
         if pending_chunks >= EMBED_BATCH_CHUNKS:
-            done += _flush(index, encoder, pending, by_doc, doc_mode)
+            done += _flush(index, encoder, pending, by_doc, doc_mode, root)
             pending, pending_chunks = [], 0
             if progress:
                 progress(done, total)
-    done += _flush(index, encoder, pending, by_doc, doc_mode)
+    done += _flush(index, encoder, pending, by_doc, doc_mode, root)
     if progress:
         progress(done, total)
-    report.chunks_embedded = done
+    return done
 
 
-def _flush(index: Index, encoder: GenerativeEncoder, docs: list[Document], by_doc: dict, doc_mode: str) -> int:
+def _flush(index: Index, encoder: GenerativeEncoder, docs: list[Document], by_doc: dict, doc_mode: str,
+           root: str) -> int:
     if not docs:
         return 0
     flat = [c for d in docs for c in by_doc.get(d.doc_id, [])]
-    vectors = encoder.encode_documents([chunk_text(c) for c in flat], mode=doc_mode) if flat else np.zeros((0, encoder.config.embed_dim), np.float32)
+    vectors = (encoder.encode_documents([embed_text(c) for c in flat], mode=doc_mode) if flat
+               else np.zeros((0, encoder.config.embed_dim), np.float32))
     items, start = [], 0
     for d in docs:
         own = by_doc.get(d.doc_id, [])
@@ -169,5 +336,5 @@ def _flush(index: Index, encoder: GenerativeEncoder, docs: list[Document], by_do
                  "metadata": c.metadata} for c in own]
         items.append((d.doc_id, d.content_hash, d.source, rows, vectors[start : start + len(own)]))
         start += len(own)
-    index.upsert_documents(items)
+    index.upsert_documents(items, root=root)
     return len(flat)

@@ -1,7 +1,8 @@
 """Retriever: the encoder an index was built with + the index → ranked hits, optionally explained.
 
-An index remembers its encoder (adapter, fingerprint, modes). Opening it loads that same encoder, and a
-different one is refused, so a query is never compared with vectors from another embedding space.
+An index remembers its encoder (adapter, fingerprints, modes). Opening it loads that same encoder (or the
+``adapter`` asked for), and one whose document space differs is refused, so a query is never compared with
+vectors from another embedding space. The index is opened read-only: searching never writes to it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from .errors import IndexError_, InputError
 from .index import Hit, Index
+from .index.core import check_name
 from .models import QUERY_MODES, GenerativeEncoder, load_encoder
 from .paths import DEFAULT_ADAPTER, index_home
 
@@ -25,9 +27,12 @@ class SearchResult:
     hits: list[Hit]
     explanation: str | None = None
     timings: dict = field(default_factory=dict)
+    query_encoder: str = ""  # fingerprint of the query encoder that made this search's vector
+    explained_mode: str | None = None  # the explanation decodes the generative vector, whatever mode searched
 
     def as_dict(self) -> dict:
-        return {"query": self.query, "query_mode": self.query_mode, "explanation": self.explanation,
+        return {"query": self.query, "query_mode": self.query_mode, "query_encoder": self.query_encoder,
+                "explanation": self.explanation, "explained_vector": self.explained_mode,
                 "timings": self.timings, "hits": [hit_dict(h) for h in self.hits]}
 
 
@@ -42,12 +47,14 @@ def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
 
 
-def index_folder(name_or_path: str | Path) -> Path:
-    """A name is looked up under the index home (./indexes); a path is used as given."""
-    path = Path(name_or_path)
-    if path.is_dir() or len(path.parts) > 1:
-        return path
-    return index_home() / str(name_or_path)
+def index_folder(name_or_path: str | Path, index_dir: str | Path | None = None) -> Path:
+    """A bare name is always looked up under the index home (``index_dir``, $RKIT_INDEX_HOME or ./indexes), even
+    when a folder of that name sits in the current directory (often the corpus itself); a path is recognisable
+    as one (``./docs``, ``../kb``, ``/srv/kb``, ``~/kb``) and used as given."""
+    text = str(name_or_path)
+    if "/" in text or "\\" in text or text.startswith(("~", ".")):
+        return Path(text).expanduser()
+    return Path(index_dir).expanduser() / check_name(text) if index_dir else index_home() / check_name(text)
 
 
 def adapter_path(adapter: str | Path | None) -> tuple[Path | None, str]:
@@ -64,14 +71,16 @@ class Retriever:
         self.encoder = encoder
 
     @classmethod
-    def open(cls, name_or_path: str | Path, adapter: str | Path | None = None, device=None) -> "Retriever":
-        index = Index.open(index_folder(name_or_path))
+    def open(cls, name_or_path: str | Path, adapter: str | Path | None = None, device=None,
+             index_dir: str | Path | None = None) -> "Retriever":
+        index = Index.open(index_folder(name_or_path, index_dir))
         try:
             stored = index.manifest["encoder"]
             folder, _ = adapter_path(adapter if adapter is not None else stored.get("adapter"))
             encoder = load_encoder(folder, backbone=None if folder else stored.get("backbone"),
                                    teacher=None if folder else stored.get("teacher"), device=device)
-            index.check_encoder(encoder.fingerprint, encoder.config.embed_dim)
+            index.check_document_space(encoder.doc_fingerprint(stored.get("doc_mode") or "teacher"),
+                                       encoder.config.embed_dim)
         except BaseException:
             index.close()
             raise
@@ -108,11 +117,13 @@ class Retriever:
         explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens) if explain else [None] * len(queries)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
-        return [SearchResult(q, mode, hits, e, timings) for q, hits, e in zip(queries, ranked, explanations)]
+        fingerprint = self.encoder.fingerprint
+        return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None)
+                for q, hits, e in zip(queries, ranked, explanations)]
 
 
-def open_index_info(name_or_path: str | Path) -> dict:
-    folder = index_folder(name_or_path)
+def open_index_info(name_or_path: str | Path, index_dir: str | Path | None = None) -> dict:
+    folder = index_folder(name_or_path, index_dir)
     if not folder.exists():
         raise IndexError_(f"no index at {folder}")
     with Index.open(folder) as index:

@@ -135,6 +135,9 @@ class Index:
         folder = Path(folder)
         if not (folder / MANIFEST).is_file() and not (folder / DOCS).is_file():
             raise IndexError_(f"no index at {folder}{_available_hint(folder)}")
+        if writable and not is_index_folder(folder):  # never take a lock (write a file) in a user's folder
+            raise InputError(f"folder {folder} is not an rkit index (no {MARKER} or valid {MANIFEST}); "
+                             "choose another --name or --index-dir")
         lock = WriterLock(folder, _label(folder.name, folder)).acquire(wait) if writable else None
         store = backend = None
         try:
@@ -594,7 +597,7 @@ def remove_index(folder: Path, wait: float | bool = False) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    if not _is_ours(folder):
+    if not is_index_folder(folder):
         raise InputError(f"{folder} is not an rkit index folder (no {MARKER} or {MANIFEST}); nothing was removed")
     lock = WriterLock(folder, _label(folder.name, folder)).acquire(wait)
     try:
@@ -609,7 +612,7 @@ def _claim_folder(folder: Path, label: str) -> bool:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{label}: {folder} exists and is not a folder; choose another --name or --index-dir")
     if folder.is_dir():
-        if _is_ours(folder):
+        if is_index_folder(folder):
             return False
         if any(folder.iterdir()):
             raise InputError(f"{label}: folder {folder} already exists and is not an rkit index; "
@@ -624,7 +627,7 @@ def _claim_folder(folder: Path, label: str) -> bool:
     return True
 
 
-def _is_ours(folder: Path) -> bool:
+def is_index_folder(folder: Path) -> bool:
     """The marker, or (indexes made before the marker existed) a manifest that parses as an rkit manifest."""
     if (folder / MARKER).is_file():
         return True

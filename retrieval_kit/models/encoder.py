@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import InputError, ModelError
 from .backbone import DEFAULT_BACKBONE, load_backbone, pick_device
 from .generation import format_chat, generate_batch, length_sorted_batches, tokenize_prompts, truncate_tokens
-from .teacher import DEFAULT_TEACHER, load_teacher
+from .teacher import DEFAULT_TEACHER, load_teacher, teacher_fingerprint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -117,16 +117,30 @@ class GenerativeEncoder(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the adapter weights + model names: an index built with one encoder refuses another."""
+        """The query encoder's identity: adapter weights, model names and every setting that changes its vectors.
+
+        Recorded with each search; an index decides what it accepts by ``doc_fingerprint`` instead."""
         h = hashlib.sha256()
         h.update(json.dumps([self.config.backbone, self.config.teacher, self.config.n_thought,
                              self.config.n_compress, self.config.align_head, self.config.system_prompt]).encode())
         if self.config.anchor:  # the fitted weight changes fused vectors; older adapters keep their fingerprint
             h.update(json.dumps(["anchor", self.config.fuse_weight]).encode())
+        if self.config.max_query_tokens != 256:  # cuts queries, so it changes vectors (256: as before, same hash)
+            h.update(json.dumps(["max_query_tokens", self.config.max_query_tokens]).encode())
         for key, value in sorted(self.adapter_state().items()):
             h.update(key.encode())
             h.update(value.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def doc_fingerprint(self, mode: str = "teacher") -> str:
+        """What produced document vectors embedded in ``mode``: the teacher alone (input side) or this adapter.
+
+        An index is usable by any encoder with the same document fingerprint: teacher-embedded documents need no
+        re-index after an adapter retrain, as long as the adapter was trained for the same teacher.
+        """
+        if mode == "generative":
+            return self.fingerprint
+        return teacher_fingerprint(self.config.teacher, self.config.embed_dim)
 
     @property
     def device(self) -> torch.device:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 from ..errors import ModelError
@@ -28,6 +30,21 @@ def resolve_teacher(name: str | None) -> str:
     if not (folder / "modules.json").is_file():
         raise ModelError(f"teacher '{name}': {folder} is not a sentence-transformers folder")
     return str(folder)
+
+
+def teacher_fingerprint(name: str | None, dim: int) -> str:
+    """What a teacher's document vectors depend on: its name, its dimension and, for a local folder (the packaged
+    MiniLM included), its config files and weight-file sizes, so a changed model is a different space."""
+    h = hashlib.sha256(json.dumps(["teacher", (name or DEFAULT_TEACHER).lower(), int(dim)]).encode())
+    folder = Path(resolve_teacher(name))
+    if folder.is_dir():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == ".json":
+                h.update(rel.encode() + path.read_bytes())
+            elif path.suffix in (".safetensors", ".bin", ".onnx"):
+                h.update(f"{rel}:{path.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def load_teacher(name: str | None = None, device=None):

@@ -1,0 +1,136 @@
+"""What used to go wrong for a new user: names that were paths, a user's folder overwritten, two corpus roots, changed
+settings ignored, stuck indexes, silent skips. Each test failed on the code before the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from test_cli import KEYS_DOC, corpus, fails, ok, reuse_loaded_models, rkit, search_json  # noqa: F401 (fixtures)
+
+
+def write(folder, files: dict):
+    for rel, text in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_name_is_a_name_and_a_users_folder_is_never_touched(index_home, corpus, tmp_path):
+    for bad in ("../..", "../escape", str(tmp_path / "abs"), "a/b", ".hidden"):
+        fails("index", corpus, "--name", bad, needle="bad index name")
+    assert not (tmp_path / "abs").exists() and not (tmp_path / "escape").exists()
+    # a folder of the user's where the index would go: refused, and every file of theirs is still there
+    mine = index_home / "kb"
+    write(mine, {"docs.sqlite": "my own database", "qdrant/notes.txt": "keep me", "faiss.index": "mine"})
+    fails("index", corpus, "--name", "kb", needle="not an rkit index")
+    fails("index", corpus, "--name", "kb", "--rebuild", needle="not an rkit index")
+    assert (mine / "docs.sqlite").read_text() == "my own database" and (mine / "qdrant" / "notes.txt").is_file()
+    assert (mine / "faiss.index").read_text() == "mine"
+
+
+def test_search_by_name_from_the_corpus_folder_and_index_dir(tmp_path, corpus, monkeypatch):
+    """The README flow: run from the folder holding the corpus `docs/`; `--index docs` is the index, not ./docs."""
+    monkeypatch.delenv("RKIT_INDEX_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.move(str(corpus), tmp_path / "docs")
+    ok("index", "docs")  # name defaults to the folder's name, under ./indexes
+    assert search_json("how do I rotate the API keys?", "--index", "docs")["results"][0]["hits"][0]["doc_id"] == KEYS_DOC
+    elsewhere = tmp_path / "elsewhere"
+    ok("index", "docs", "--name", "kb", "--index-dir", elsewhere)
+    out = search_json("how do I rotate the API keys?", "--index", "kb", "--index-dir", elsewhere)
+    assert out["results"][0]["hits"][0]["doc_id"] == KEYS_DOC
+    assert json.loads(ok("info", "kb", "--index-dir", elsewhere, "--json").stdout)["folder"] == str(elsewhere / "kb")
+    assert json.loads(ok("info", "./indexes/docs", "--json").stdout)["name"] == "docs"  # a path is a path
+
+
+def test_two_corpus_roots_in_one_index(index_home, tmp_path):
+    a = write(tmp_path / "a", {"alpha.md": "# Alpha\nThe alpha team owns the billing service.",
+                               "README.md": "Alpha readme: deploy with make deploy."})
+    b = write(tmp_path / "b", {"beta.md": "# Beta\nThe beta team owns the search cluster."})
+    ok("index", a, "--name", "kb")
+    ok("index", b, "--name", "kb")
+    # re-indexing a/ must not prune b/'s documents (they are not a/'s), and both stay findable
+    report = json.loads(ok("index", a, "--name", "kb", "--json").stdout)
+    assert report["deleted"] == 0 and report["total_documents"] == 3
+    hit = search_json("who owns the search cluster?", "--index", "kb", "-k", "1")["results"][0]["hits"][0]
+    assert hit["doc_id"] == "beta.md"
+    # a clash of document ids between roots is refused, naming both, instead of overwriting a/README.md
+    write(b, {"README.md": "Beta readme."})
+    fails("index", b, "--name", "kb", needle="already indexed from")
+    (b / "README.md").unlink()
+    (b / "beta.md").unlink()
+    write(b, {"gamma.md": "Gamma notes."})
+    report = json.loads(ok("index", b, "--name", "kb", "--json").stdout)
+    assert report["deleted"] == 1 and report["added"] == 1 and report["total_documents"] == 3
+
+
+def test_moved_corpus_root_is_adopted_and_pruned(index_home, tmp_path):
+    old = write(tmp_path / "old", {"one.txt": "first file", "two.txt": "second file"})
+    ok("index", old, "--name", "kb")
+    new = tmp_path / "new"
+    shutil.move(str(old), new)
+    (new / "two.txt").unlink()
+    report = json.loads(ok("index", new, "--name", "kb", "--json").stdout)
+    assert report["deleted"] == 1 and report["unchanged"] == 1
+    assert any("no longer exists" in n for n in report["notes"])
+
+
+def test_changed_settings_are_applied_or_refused(index_home, corpus):
+    ok("index", corpus, "--name", "kb")
+    first = json.loads(ok("info", "kb", "--json").stdout)
+    report = json.loads(ok("index", corpus, "--name", "kb", "--chunk-words", "60", "--overlap", "10", "--json").stdout)
+    assert report["updated"] == first["counts"]["documents"] and any("chunking changed" in n for n in report["notes"])
+    info = json.loads(ok("info", "kb", "--json").stdout)
+    assert info["chunking"]["chunk_words"] == 60 and info["counts"]["chunks"] > first["counts"]["chunks"]
+    again = json.loads(ok("index", corpus, "--name", "kb", "--json").stdout)  # no flags: keep the index's recipe
+    assert again["chunks_embedded"] == 0
+    report = json.loads(ok("index", corpus, "--name", "kb", "--factory", "HNSW32", "--json").stdout)
+    assert report["chunks_embedded"] == 0 and json.loads(ok("info", "kb", "--json").stdout)["factory"] == "HNSW32"
+    assert search_json("how do I rotate the API keys?", "--index", "kb")["results"][0]["hits"][0]["doc_id"] == KEYS_DOC
+    fails("index", corpus, "--name", "kb", "--backend", "qdrant", needle="uses the faiss backend")
+    ok("index", corpus, "--name", "kb", "--query-mode", "teacher")
+    assert json.loads(ok("info", "kb", "--json").stdout)["encoder"]["query_mode"] == "teacher"
+
+
+def test_small_ivf_index_is_never_stuck(index_home, tmp_path):
+    small = write(tmp_path / "small", {f"f{i}.txt": f"note {i} about topic {i}" for i in range(5)})
+    report = json.loads(ok("index", small, "--name", "kb", "--factory", "IVF256,Flat", "--json").stdout)
+    assert any("exact search" in n for n in report["notes"])
+    assert "exact search" in ok("info", "kb").stdout
+    assert search_json("topic 3", "--index", "kb", "-k", "1")["results"][0]["hits"][0]["doc_id"] == "f3.txt"
+    ok("index", small, "--name", "kb")  # re-index works too
+
+
+def test_corrupt_index_has_a_way_out(index_home, corpus):
+    ok("index", corpus, "--name", "kb")
+    (index_home / "kb" / "docs.sqlite").write_bytes(b"garbage" * 100)
+    fails("search", "q", "--index", "kb", needle="--rebuild")
+    fails("index", corpus, "--name", "kb", needle="--rebuild")
+    ok("index", corpus, "--name", "kb", "--rebuild")
+    assert search_json("how do I rotate the API keys?", "--index", "kb")["results"][0]["hits"][0]["doc_id"] == KEYS_DOC
+
+
+def test_skip_bad_files_warns_and_all_bad_files_are_listed_at_once(index_home, tmp_path):
+    docs = write(tmp_path / "docs", {"good.txt": "a good file"})
+    (docs / "one.txt").write_bytes(b"\x00\x01 binary")
+    (docs / "two.md").write_bytes(b"ok\x00 binary later")
+    result = rkit("index", docs, "--name", "kb")
+    assert result.exit_code != 0 and "one.txt" in result.output and "two.md" in result.output
+    result = rkit("index", docs, "--name", "kb", "--skip-bad-files")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "one.txt" in warnings[0] + warnings[1]
+
+
+def test_cli_output_paper_cuts(index_home, corpus):
+    fails("search", "q", "--index", "kb", "-k", "0", needle="-k must be from 1 to 1000")
+    assert "no indexes under" in ok("list").stdout
+    ok("index", corpus, "--name", "kb")
+    listing = ok("list").stdout
+    assert "kb" in listing and "{" not in listing  # a table, not dict reprs
+    out = ok("search", "how do I rotate the API keys?", "--index", "kb", "--query-mode", "teacher", "--explain").stdout
+    assert "decoded from the generative embedding" in " ".join(out.split())
+    wide = ok("search", "how do I rotate the API keys?", "--index", "kb", "-k", "3").stdout
+    assert f"{KEYS_DOC}#0" in wide  # ids are never folded across lines when piped
