@@ -173,11 +173,11 @@ def _no_stage(total: int) -> Iterator[Callable[[int], None]]:
 class Namespace:
     """The values one model + configuration produced, keyed by the sha256 of the exact input text."""
 
-    kind = "values"
+    value_type = "values"
 
     def __init__(self, store: CacheStore, kind: str, identity: dict):
         self.store, self.identity = store, identity
-        self.kind = f"{kind}:{self.kind}"
+        self.kind = f"{kind}:{self.value_type}"  # e.g. "bench-documents:float32"
         self.name = namespace_id(self.kind, identity)
         self.dim: int | None = None  # vectors: the width stored with the namespace (None: nothing stored yet)
 
@@ -217,7 +217,7 @@ class Namespace:
 
 
 class VectorNamespace(Namespace):
-    kind = "float32"
+    value_type = "float32"
 
     def _encode(self, values) -> tuple[int, list[bytes]]:
         matrix = np.ascontiguousarray(values, dtype="<f4")
@@ -242,7 +242,7 @@ class VectorNamespace(Namespace):
 
 
 class TextNamespace(Namespace):
-    kind = "text"
+    value_type = "text"
 
     def _encode(self, values) -> tuple[None, list[str]]:
         values = list(values)

@@ -89,17 +89,19 @@ def test_unwritable_folder_is_a_one_line_error(tmp_path):
 
 
 _WRITER = textwrap.dedent("""
-    import sys, numpy as np
+    import sys, time, numpy as np
     sys.path.insert(0, {tests!r})
     from test_cache_store import _vec
     from retrieval_kit.cache_store import CacheStore
     folder, start, stop, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     ns = CacheStore.in_folder(folder).vectors("test", {{"model": "shared"}})
     texts = [f"text {{i}}" for i in range(start, stop)]
+    print("start", time.time(), flush=True)
     for s in range(0, len(texts), batch):
         part = texts[s:s + batch]
         ns.put(part, np.stack([_vec(t) for t in part]))
-        print(s + len(part), flush=True)  # committed: the parent may count on these
+        print("committed", s + len(part), flush=True)  # the parent may count on these
+    print("end", time.time(), flush=True)
 """)
 
 
@@ -113,7 +115,8 @@ def test_kill_9_mid_write_keeps_every_committed_item(tmp_path):
     proc = _writer(tmp_path, 0, 1_000_000, 50)
     committed = 0
     while committed < 2_000:
-        committed = int(proc.stdout.readline())
+        word, value = proc.stdout.readline().split()
+        committed = int(value) if word == "committed" else 0
     os.kill(proc.pid, signal.SIGKILL)  # in the middle of the next transactions
     proc.wait()
     ns = CacheStore.in_folder(tmp_path).vectors("test", {"model": "shared"})
@@ -128,14 +131,18 @@ def test_kill_9_mid_write_keeps_every_committed_item(tmp_path):
 
 
 def test_two_processes_writing_one_namespace_both_finish_with_right_values(tmp_path):
-    procs = [_writer(tmp_path, 0, 3_000, 20), _writer(tmp_path, 1_500, 4_500, 30)]  # overlap: 1,500..2,999
+    procs = [_writer(tmp_path, 0, 12_000, 10), _writer(tmp_path, 6_000, 18_000, 15)]  # same texts 6,000..11,999
+    spans = []
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0
-        assert out.split()[-1] == "3000"
+        lines = dict(line.split(maxsplit=1) for line in out.splitlines() if not line.startswith("committed"))
+        assert out.splitlines()[-2] == "committed 12000"
+        spans.append((float(lines["start"]), float(lines["end"])))
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # they did write at the same time
     stored = CacheStore.in_folder(tmp_path).vectors("test", {"model": "shared"}).lookup(
-        [f"text {i}" for i in range(4_500)])
-    assert len(stored) == 4_500
+        [f"text {i}" for i in range(18_000)])
+    assert len(stored) == 18_000
     for text, vec in stored.items():
         np.testing.assert_array_equal(vec, _vec(text))
 
