@@ -73,6 +73,16 @@ class CacheStore:
     def texts(self, kind: str, identity: dict) -> "TextNamespace":
         return TextNamespace(self, kind, identity)
 
+    def namespaces(self, kind: str) -> list["Namespace"]:
+        """Every stored namespace of `kind` (e.g. "bench-hyde"), its identity read back: for tools that look at
+        what a cache holds (benchmarks/refusals.py reads the HyDE answers this way)."""
+        with self._guard():
+            rows = self._connect().execute("SELECT kind, identity FROM namespaces WHERE kind LIKE ? ORDER BY id",
+                                           (f"{kind}:%",)).fetchall()
+        types = {cls.value_type: cls for cls in (VectorNamespace, TextNamespace)}
+        return [types[full.rpartition(":")[2]](self, full.rpartition(":")[0], json.loads(identity))
+                for full, identity in rows]
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -201,6 +211,16 @@ class Namespace:
             raise ValueError(f"{len(texts)} texts but {len(encoded)} values")
         self.store._put(self, dim, [(text_key(t), raw) for t, raw in zip(texts, encoded)])
         return [self._decode(raw) for raw in encoded]
+
+    def values(self) -> list:
+        """Every value stored in this namespace (in no particular order)."""
+        with self.store._guard():
+            db = self.store._connect()
+            with _transaction(db, "BEGIN"):
+                row = db.execute("SELECT id, dim FROM namespaces WHERE name=?", (self.name,)).fetchone()
+                raw = [v for (v,) in db.execute("SELECT value FROM items WHERE ns=?", (row[0],))] if row else []
+        self.dim = row[1] if row else None
+        return [self._decode(v) for v in raw]
 
     def fill(self, texts: Sequence[str], compute: Callable[[list[str]], object], chunk: int,
              stage: Stage | None = None) -> tuple[dict, bool]:

@@ -65,6 +65,18 @@ def test_texts_and_progress_stage(tmp_path):
     assert again == ["C é", "A é"] and cached and totals == [3, 0]
 
 
+def test_namespaces_read_back_by_kind(tmp_path):
+    store = CacheStore.in_folder(tmp_path)
+    store.texts("bench-hyde", {"prompt": "a"}).put(["q1", "q2"], ["A1", "A2"])
+    store.texts("bench-hyde", {"prompt": "b"}).put(["q1"], ["B1"])
+    store.vectors("bench-documents", {"teacher": "t"}).put(["d"], np.ones((1, 3)))
+    found = CacheStore.in_folder(tmp_path).namespaces("bench-hyde")
+    assert [ns.identity for ns in found] == [{"prompt": "a"}, {"prompt": "b"}]
+    assert sorted(found[0].values()) == ["A1", "A2"] and found[1].values() == ["B1"]
+    (docs,) = store.namespaces("bench-documents")
+    np.testing.assert_array_equal(docs.values()[0], np.ones(3, dtype=np.float32))
+
+
 def test_width_mismatch_in_one_namespace_is_an_error(tmp_path):
     ns = CacheStore.in_folder(tmp_path, BenchError).vectors("test", {"model": "m"})
     ns.put(["a"], np.zeros((1, 4)))
