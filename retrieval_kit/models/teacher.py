@@ -33,18 +33,13 @@ def resolve_teacher(name: str | None) -> str:
 
 
 def teacher_fingerprint(name: str | None, dim: int) -> str:
-    """What a teacher's document vectors depend on: its name, its dimension and, for a local folder (the packaged
-    MiniLM included), its config files and weight-file sizes, so a changed model is a different space."""
-    h = hashlib.sha256(json.dumps(["teacher", (name or DEFAULT_TEACHER).lower(), int(dim)]).encode())
-    folder = Path(resolve_teacher(name))
-    if folder.is_dir():
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = path.relative_to(folder).as_posix()
-            if path.suffix == ".json":
-                h.update(rel.encode() + path.read_bytes())
-            elif path.suffix in (".safetensors", ".bin", ".onnx"):
-                h.update(f"{rel}:{path.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+    """What a teacher's document vectors depend on: its name, its dimension and the digest of its files (the one
+    identity the caches use, remembered per file), not where it is installed: a changed model is another space."""
+    from ..cache_store import teacher_identity
+
+    identity = teacher_identity(name or DEFAULT_TEACHER)
+    blob = json.dumps(["teacher", (name or DEFAULT_TEACHER).lower(), int(dim), identity.get("sha256")])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_teacher(name: str | None = None, device=None):
