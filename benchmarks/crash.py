@@ -9,10 +9,12 @@ ids with the same texts and vectors, nothing missing, nothing extra, every chunk
     python -m benchmarks.crash --backend faiss --kills 100 --json --out benchmarks/results/crash
     python -m benchmarks.crash --backend qdrant --kills 100
 
-Kill moments are drawn from a clean calibration run (an update like the killed ones): uniformly over a
-window centred on its writing phase (from its first commit minus the length of that phase, to its end), so
-kills land while chunks embed, between commits, and while the backend file and manifest are saved; a kill
-that comes too late (the run had finished) is not counted. Each kill records which phase the index was in.
+Kill moments: half the rounds kill at a random time between half the calibration run's time to its first
+commit and its end (models loading, chunks embedding: a run killed there leaves its work pending, so later
+runs have more to do); the other half watch the write-ahead log and kill at a random moment within the
+calibration run's writing time after this run's own first commit (between commits, while the backend file
+and manifest are saved). A kill that comes too late (the run had finished) is not counted. Each kill
+records which phase the index was in.
 """
 
 from __future__ import annotations
@@ -100,14 +102,25 @@ def run_clean(cmd: list[str], env: dict, wal: Path) -> dict:
             "report": json.loads(out)}
 
 
-def run_killed(cmd: list[str], env: dict, delay: float, folder: Path) -> dict:
-    """Start rkit index, SIGKILL it after ``delay`` seconds; say what phase it was in (or that it finished first)."""
+def run_killed(cmd: list[str], env: dict, rng: random.Random, window: tuple[float, float], after_commit: float,
+               folder: Path) -> dict:
+    """Start rkit index and SIGKILL it: half the rounds at a random time in ``window`` (models loading, chunks
+    embedding), half at a random time within ``after_commit`` seconds of its first commit (between commits, while
+    the backend file and manifest are saved). Says what phase it was in, or that it finished first."""
     wal, backend_file = folder / "docs.sqlite-wal", folder / "faiss.index"
     before = {"wal": wal.stat().st_size if wal.exists() else 0,
               "faiss": backend_file.stat().st_mtime_ns if backend_file.exists() else 0}
+    on_commit = rng.random() < 0.5
+    delay = rng.uniform(0, after_commit) if on_commit else rng.uniform(*window)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + delay
-    while time.monotonic() < end and proc.poll() is None:
+    start = time.monotonic()
+    end = None if on_commit else start + delay
+    while proc.poll() is None:
+        now = time.monotonic()
+        if end is None and wal.exists() and wal.stat().st_size != before["wal"]:
+            end = now + delay  # this run has made its first commit
+        if end is not None and now >= end:
+            break
         time.sleep(0.002)
     if proc.poll() is not None:
         err = proc.stderr.read()
@@ -120,7 +133,7 @@ def run_killed(cmd: list[str], env: dict, delay: float, folder: Path) -> dict:
     committed = wal.exists() and wal.stat().st_size != before["wal"]
     saved = backend_file.exists() and backend_file.stat().st_mtime_ns != before["faiss"]
     phase = "after backend save" if saved else ("after a commit" if committed else "before any commit")
-    return {"killed": True, "delay_s": round(delay, 3), "phase": phase}
+    return {"killed": True, "delay_s": round(time.monotonic() - start, 3), "phase": phase}
 
 
 def snapshot(folder: Path) -> dict:
@@ -168,14 +181,14 @@ def crash_test(workdir: Path, *, backend: str = "faiss", kills: int = 10, files:
     calibration = run_clean(cmd, env, folder / "docs.sqlite-wal")  # the first build, never killed
     corpus.mutate(changes)
     calibration = run_clean(cmd, env, folder / "docs.sqlite-wal")  # an update: what the killed rounds are
-    writing = calibration["seconds"] - calibration["first_commit_s"]
-    low, high = max(0.0, calibration["first_commit_s"] - max(writing, 1.0)), 1.05 * calibration["seconds"]
+    writing = max(calibration["seconds"] - calibration["first_commit_s"], 0.5)
+    low, high = 0.5 * calibration["first_commit_s"], calibration["first_commit_s"] + writing
     log(f"calibration: update run {calibration['seconds']:.1f}s, first commit at {calibration['first_commit_s']:.1f}s")
     rounds, done, finished_first, phases, bad_opens = 0, 0, 0, {}, []
     while done < kills:
         rounds += 1
         corpus.mutate(changes)
-        outcome = run_killed(cmd, env, rng.uniform(low, high), folder)
+        outcome = run_killed(cmd, env, rng, (low, high), writing, folder)
         if not outcome["killed"]:
             finished_first += 1
             continue
