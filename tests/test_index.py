@@ -436,3 +436,51 @@ def test_killed_process_loses_nothing_committed(tmp_path):
     with Index.open(tmp_path / "kb", writable=True) as index:
         assert set(index.doc_hashes()) == {"d1", "late"} and index.backend.count() == 5
         assert index.search(np.eye(DIM, dtype=np.float32)[1], k=1)[0][0].chunk_id == "late#1"
+
+
+def _files(folder):
+    names = ("manifest.json", "docs.sqlite", "faiss.index")
+    return {n: (folder / n).read_bytes() for n in names if (folder / n).exists()}
+
+
+def test_reader_during_a_write_then_a_dead_writer_never_leaves_a_trusted_stale_backend(tmp_path):
+    """The old bug: a reader opened during a write rebuilt and saved (marking the backend in sync); the writer then
+    replaced a document with the same number of chunks and died before saving; the next open trusted equal counts
+    and the new chunk's own vector found other documents."""
+    items = corpus(6)
+    with make(tmp_path) as index:
+        index.upsert_documents(items)
+    folder = tmp_path / "kb"
+    writer = Index.open(folder, writable=True)
+    writer.upsert_documents([doc("d2", unit(3, seed=11), "h2")])  # committed; faiss.index not saved yet
+    before = _files(folder)
+    with Index.open(folder) as reader:  # a search while the write is in progress
+        assert reader.search(unit(3, seed=11)[1], k=1)[0][0].chunk_id == "d2#1"  # repaired in memory
+    assert _files(folder) == before  # and nothing written: readers never write
+    writer.upsert_documents([doc("d4", unit(3, seed=12), "h2")])  # same chunk count as before
+    writer.store.close()  # the writer dies: no save, no close of the backend
+    with Index.open(folder) as reader:
+        assert reader.search(unit(3, seed=12)[0], k=1)[0][0].chunk_id == "d4#0"
+        assert reader.search(unit(3, seed=11)[2], k=1)[0][0].chunk_id == "d2#2"
+        assert reader.search(items[0][4][0], k=1)[0][0].chunk_id == "d0#0"
+    writer._lock.release()
+    with Index.open(folder, writable=True) as index:  # the next writer repairs and saves
+        assert index.info()["vectors"] == 18
+    with Index.open(folder) as reader:
+        assert reader._stale is False and reader.search(unit(3, seed=12)[2], k=1)[0][0].chunk_id == "d4#2"
+
+
+def test_reader_refresh_moves_to_the_new_generation(tmp_path):
+    with make(tmp_path) as index:
+        index.upsert_documents(corpus(2))
+    reader = Index.open(tmp_path / "kb")
+    try:
+        with Index.open(tmp_path / "kb", writable=True) as writer:
+            writer.upsert_documents([doc("late", unit(1, seed=5))])
+        assert reader.search(unit(1, seed=5)[0], k=1)[0][0].chunk_id != "late#0"  # its snapshot is older
+        generation = reader.generation
+        assert reader.refresh() is True and reader.generation == generation + 1
+        assert reader.search(unit(1, seed=5)[0], k=1)[0][0].chunk_id == "late#0"
+        assert reader.refresh() is False
+    finally:
+        reader.close()
