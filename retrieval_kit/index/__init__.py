@@ -3,10 +3,12 @@
 This package knows nothing of models: float32 vectors (L2-normalised by the caller) go in,
 chunk ids and inner-product scores come out. See ``indexes/README.md`` for the folder format.
 
-    with Index.create("indexes/kb", dim=768, encoder={"fingerprint": fp}) as index:
+    with Index.create("indexes/kb", dim=768, encoder={"doc_fingerprint": fp}) as index:   # the one writer
         index.upsert_documents([(doc_id, content_hash, source, chunks, vectors), ...])
-    with Index.open("indexes/kb") as index:
-        index.check_encoder(fp, 768)
+    with Index.open("indexes/kb", writable=True) as index:                                # a later writer
+        index.delete_documents([doc_id])
+    with Index.open("indexes/kb") as index:                                               # any number of readers
+        index.check_document_space(fp, 768)
         hits = index.search(query_vectors, k=10)
 """
 
