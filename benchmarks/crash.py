@@ -11,7 +11,7 @@ ids with the same texts and vectors, nothing missing, nothing extra, every chunk
 
 Kill moments: half the rounds kill at a random time between half the calibration run's time to its first
 commit and its end (models loading, chunks embedding: a run killed there leaves its work pending, so later
-runs have more to do); the other half watch the write-ahead log and kill at a random moment within the
+runs have more to do); the other half watch the index's commit counter (meta.generation) and kill at a random moment within the
 calibration run's writing time after this run's own first commit (between commits, while the backend file
 and manifest are saved). A kill that comes too late (the run had finished) is not counted. Each kill
 records which phase the index was in.
@@ -85,15 +85,38 @@ def rkit_command(corpus: Path, index_dir: Path, backend: str, chunk_words: int) 
             "--chunk-words", str(chunk_words), "--overlap", "8", "--json", "--wait"]
 
 
-def run_clean(cmd: list[str], env: dict, wal: Path) -> dict:
-    """A run without a kill, timing its first commit (the write-ahead log grows) and its end."""
-    start, first_commit = time.monotonic(), None
+class Generation:
+    """The index's commit counter (meta.generation), read the way a reader reads it: +1 with every commit."""
+
+    def __init__(self, folder: Path):
+        self.path, self.db = folder / "docs.sqlite", None
+
+    def __call__(self) -> int:
+        import sqlite3
+
+        try:
+            if self.db is None:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            return int(row[0]) if row else 0
+        except sqlite3.Error:  # not there yet, or busy for a moment
+            return -1
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+
+def run_clean(cmd: list[str], env: dict, folder: Path) -> dict:
+    """A run without a kill, timing its first commit and its end."""
+    start, first_commit, generation = time.monotonic(), None, Generation(folder)
+    g0 = generation()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    size0 = wal.stat().st_size if wal.exists() else 0
     while proc.poll() is None:
-        if first_commit is None and wal.exists() and wal.stat().st_size != size0:
+        if first_commit is None and generation() > g0:
             first_commit = time.monotonic() - start
-        time.sleep(0.005)
+        time.sleep(0.01)
+    generation.close()
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"clean rkit index failed ({proc.returncode}): {err.strip()[-2000:]}")
@@ -107,9 +130,8 @@ def run_killed(cmd: list[str], env: dict, rng: random.Random, window: tuple[floa
     """Start rkit index and SIGKILL it: half the rounds at a random time in ``window`` (models loading, chunks
     embedding), half at a random time within ``after_commit`` seconds of its first commit (between commits, while
     the backend file and manifest are saved). Says what phase it was in, or that it finished first."""
-    wal, backend_file = folder / "docs.sqlite-wal", folder / "faiss.index"
-    before = {"wal": wal.stat().st_size if wal.exists() else 0,
-              "faiss": backend_file.stat().st_mtime_ns if backend_file.exists() else 0}
+    generation, backend_file = Generation(folder), folder / "faiss.index"
+    before = {"generation": generation(), "faiss": backend_file.stat().st_mtime_ns if backend_file.exists() else 0}
     on_commit = rng.random() < 0.5
     delay = rng.uniform(0, after_commit) if on_commit else rng.uniform(*window)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -117,12 +139,13 @@ def run_killed(cmd: list[str], env: dict, rng: random.Random, window: tuple[floa
     end = None if on_commit else start + delay
     while proc.poll() is None:
         now = time.monotonic()
-        if end is None and wal.exists() and wal.stat().st_size != before["wal"]:
+        if end is None and generation() > before["generation"]:
             end = now + delay  # this run has made its first commit
         if end is not None and now >= end:
             break
-        time.sleep(0.002)
+        time.sleep(0.005)
     if proc.poll() is not None:
+        generation.close()
         err = proc.stderr.read()
         if proc.returncode != 0:
             raise RuntimeError(f"rkit index failed before its kill ({proc.returncode}): {err.strip()[-2000:]}")
@@ -130,9 +153,11 @@ def run_killed(cmd: list[str], env: dict, rng: random.Random, window: tuple[floa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    committed = wal.exists() and wal.stat().st_size != before["wal"]
+    committed = generation() > before["generation"]
+    generation.close()
     saved = backend_file.exists() and backend_file.stat().st_mtime_ns != before["faiss"]
-    phase = "after backend save" if saved else ("after a commit" if committed else "before any commit")
+    phase = ("after faiss.index was rewritten" if saved else "after a commit") if committed or saved else \
+        "before any commit"
     return {"killed": True, "delay_s": round(time.monotonic() - start, 3), "phase": phase}
 
 
@@ -178,9 +203,9 @@ def crash_test(workdir: Path, *, backend: str = "faiss", kills: int = 10, files:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = rkit_command(corpus.folder, index_dir, backend, chunk_words)
     start = time.monotonic()
-    calibration = run_clean(cmd, env, folder / "docs.sqlite-wal")  # the first build, never killed
+    calibration = run_clean(cmd, env, folder)  # the first build, never killed
     corpus.mutate(changes)
-    calibration = run_clean(cmd, env, folder / "docs.sqlite-wal")  # an update: what the killed rounds are
+    calibration = run_clean(cmd, env, folder)  # an update: what the killed rounds are
     writing = max(calibration["seconds"] - calibration["first_commit_s"], 0.5)
     low, high = 0.5 * calibration["first_commit_s"], calibration["first_commit_s"] + writing
     log(f"calibration: update run {calibration['seconds']:.1f}s, first commit at {calibration['first_commit_s']:.1f}s")
@@ -201,10 +226,10 @@ def crash_test(workdir: Path, *, backend: str = "faiss", kills: int = 10, files:
         except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
             bad_opens.append(f"round {rounds}: {type(exc).__name__}: {exc}")
         log(f"kill {done}/{kills} at {outcome['delay_s']}s ({outcome['phase']})")
-    final = run_clean(cmd, env, folder / "docs.sqlite-wal")  # one clean run brings the index up to date
+    final = run_clean(cmd, env, folder)  # one clean run brings the index up to date
     crashed = snapshot(folder)
     clean_cmd = rkit_command(corpus.folder, workdir / "clean", backend, chunk_words)
-    run_clean(clean_cmd, env, workdir / "clean" / "kb" / "docs.sqlite-wal")
+    run_clean(clean_cmd, env, workdir / "clean" / "kb")
     reference = snapshot(workdir / "clean" / "kb")
     result = {
         "backend": backend, "kills": done, "rounds": rounds, "finished_before_kill": finished_first,
