@@ -102,9 +102,11 @@ def test_reader_of_a_half_updated_collection_drops_points_outside_its_snapshot(t
         index.upsert_documents(corpus(3))
     stray = unit(1, seed=42)
     server.client.upsert("kb", points=qb.models.Batch(ids=[999], vectors=stray.tolist(), payloads=[{}]))
+    server.calls.clear()
     with Index.open(tmp_path / "kb") as reader:  # a writer died after its upsert: the reader cannot repair it
         hits = reader.search(stray[0], k=3)[0]
         assert len(hits) == 3 and all(h.chunk_id.startswith("d") for h in hits)  # no phantom hit, k still filled
+    assert "scroll" not in server.calls  # a search never lists the whole collection
     assert server.client.count("kb").count == 10  # the reader wrote nothing
     with Index.open(tmp_path / "kb", writable=True) as writer:  # the next writer repairs by diff
         assert writer.backend.count() == 9

@@ -170,6 +170,12 @@ class Index:
     def _check_backend(self) -> None:
         """Compare the backend's ids with the snapshot by checksum; repair (writer) or work around (reader)."""
         _, count, checksum = self._state
+        if not self.writable and isinstance(self.backend, QdrantBackend) and not self.backend.local:
+            # listing a server collection's ids costs a full scroll per search; a reader cannot repair it anyway,
+            # so it trusts nothing it cannot see in its own snapshot (rows are never reused: a row it holds is
+            # exactly the chunk the server's point was made from)
+            self._filter = True
+            return
         if not self.backend.needs_rebuild:
             ids = self.backend.ids()
             if len(ids) == count and row_checksum(ids) == checksum:
@@ -178,8 +184,6 @@ class Index:
             log.warning("%s: vector backend out of step with %s; rebuilding it from the stored vectors", self.label, DOCS)
             self._stale = True
             self.save()
-        elif isinstance(self.backend, QdrantBackend) and not self.backend.local:
-            self._filter = True  # a reader cannot fix a server collection; the next writer will
         else:
             self._stale = True  # rebuilt in memory from this reader's snapshot before the first search
 
