@@ -134,7 +134,13 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
             _check_against_index(index, settings)
         encoder = load_encoder()
         if index is None:
-            index = _create(folder, encoder, adapter, settings, wait)
+            try:
+                index = _create(folder, encoder, adapter, settings, wait)
+            except IndexError_:
+                if not (folder / MANIFEST).is_file():
+                    raise
+                index = Index.open(folder, writable=True, wait=wait)  # another run created it meanwhile
+                _check_against_index(index, settings)
         report = IndexReport(index=index.name)
         _adopt_encoder(index, encoder, adapter, settings)
         recipe = chunk_recipe(encoder, settings.doc_mode, *_chunking(index, settings))
@@ -257,8 +263,8 @@ def _check_roots(index: Index, docs: list[Document], root: str, rechunk: bool, r
     """Documents belong to the corpus root they came from. Refuse id clashes with another root; adopt a moved root."""
     roots = index.manifest.setdefault("corpus_roots", [])
     owners = index.doc_roots()
-    if "" in owners.values() and len(roots) == 1:  # written before documents recorded their root
-        index.move_root("", roots[0])
+    if "" in owners.values() and len(roots) <= 1:  # written before documents recorded their root
+        index.move_root("", roots[0] if roots else root)
         owners = index.doc_roots()
     if root not in roots and len(roots) == 1 and not Path(roots[0]).exists():
         moved = index.move_root(roots[0], root)
