@@ -134,3 +134,20 @@ def test_cli_output_paper_cuts(index_home, corpus):
     assert "decoded from the generative embedding" in " ".join(out.split())
     wide = ok("search", "how do I rotate the API keys?", "--index", "kb", "-k", "3").stdout
     assert f"{KEYS_DOC}#0" in wide  # ids are never folded across lines when piped
+
+
+def test_every_indexed_chunk_fits_the_teachers_window(index_home, corpus, encoder):
+    """200 words + title used to overflow all-MiniLM-L6-v2's 256 tokens in 9 of 29 sample chunks (the tail was never
+    embedded); chunks are now measured with the teacher's own tokenizer, title line included."""
+    from retrieval_kit.corpus import Chunk, embed_text
+    from retrieval_kit.index import Index
+
+    ok("index", corpus, "--name", "kb")
+    tokenizer, cap = encoder.teacher.tokenizer, encoder.teacher.max_seq_length
+    with Index.open(index_home / "kb") as index:
+        assert index.manifest["chunking"]["max_tokens"] == cap == 256
+        chunks = [p for _, _, payloads in index.store.iter_batches() for p in payloads]
+    texts = [embed_text(Chunk(p["chunk_id"], p["doc_id"], p["n"], p["text"], p["title"], p["source"], {}))
+             for p in chunks]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    assert len(chunks) > 29 and max(lengths) <= cap
