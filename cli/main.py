@@ -175,7 +175,7 @@ def info_cmd(
     rows = [("folder", info["folder"]), ("backend", backend),
             ("documents", info["counts"]["documents"]), ("chunks", info["counts"]["chunks"]),
             ("vectors", info.get("vectors")), ("dim", info["dim"]), ("generation", info.get("generation")),
-            ("documents", f"space {enc.get('doc_fingerprint') or enc.get('fingerprint')} · embedded by {enc.get('doc_mode')}"),
+            ("doc space", f"{enc.get('doc_fingerprint') or enc.get('fingerprint')} · embedded by {enc.get('doc_mode')}"),
             ("queries", f"encoder {enc.get('fingerprint')} · backbone {enc.get('backbone')} · teacher {enc.get('teacher')} · "
                         f"adapter {enc.get('adapter')} ({'trained' if enc.get('trained') else 'untrained'}) · "
                         f"default mode {enc.get('query_mode')}"),
