@@ -86,25 +86,26 @@ def rkit_command(corpus: Path, index_dir: Path, backend: str, chunk_words: int) 
 
 
 class Generation:
-    """The index's commit counter (meta.generation), read the way a reader reads it: +1 with every commit."""
+    """The index's commit counter (meta.generation), read through a read-only doc store as a reader reads it."""
 
     def __init__(self, folder: Path):
-        self.path, self.db = folder / "docs.sqlite", None
+        self.path, self.store = folder / "docs.sqlite", None
 
     def __call__(self) -> int:
         import sqlite3
 
+        from retrieval_kit.index.store import DocStore
+
         try:
-            if self.db is None:
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-            return int(row[0]) if row else 0
+            if self.store is None:
+                self.store = DocStore(self.path, readonly=True, timeout=1)
+            return int(self.store.get_meta("generation", "0"))
         except sqlite3.Error:  # not there yet, or busy for a moment
             return -1
 
     def close(self) -> None:
-        if self.db is not None:
-            self.db.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def run_clean(cmd: list[str], env: dict, folder: Path) -> dict:

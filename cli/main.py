@@ -53,9 +53,6 @@ def index_cmd(
     if not corpus.exists():
         raise InputError(f"corpus path does not exist: {corpus}")
     name = check_name(name or corpus.resolve().name or "index")
-    for flag, value in (("--chunk-words", chunk_words), ("--overlap", overlap)):
-        if value is not None and value < (1 if flag == "--chunk-words" else 0):
-            raise InputError(f"{flag} must be {'at least 1' if flag == '--chunk-words' else 'at least 0'}, got {value}")
     folder = (index_dir or index_home()) / name
     settings = IndexSettings(backend=backend, factory=factory, qdrant_url=qdrant_url, doc_mode=doc_encoder,
                              query_mode=query_mode, fuse_weight=fuse_weight, chunk_words=chunk_words, overlap=overlap,

@@ -20,10 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from .corpus import Chunk, Document, chunk_document, embed_text, read_corpus
-from .errors import CorpusError, IndexError_, InputError
+from .corpus import Chunk, Document, chunk_document, embed_text, read_documents
+from .errors import IndexError_, InputError
 from .index import Index
-from .index.core import MANIFEST, check_name, is_index_folder, remove_index
+from .index.core import MANIFEST, check_name, existing_index, remove_index
 from .models import DOC_MODES, GenerativeEncoder
 
 EMBED_BATCH_CHUNKS = 256  # chunks embedded and written per step: bounds memory, keeps progress moving
@@ -110,7 +110,9 @@ def check_settings(settings: IndexSettings) -> None:
         raise InputError(f"--fuse-weight must be between 0 and 1, got {settings.fuse_weight}")
     words = settings.chunk_words if settings.chunk_words is not None else DEFAULTS["chunk_words"]
     overlap = settings.overlap if settings.overlap is not None else DEFAULTS["overlap"]
-    if words < 1 or not 0 <= overlap < words:
+    if words < 1:
+        raise InputError(f"--chunk-words must be at least 1, got {words}")
+    if not 0 <= overlap < words:
         raise InputError(f"--overlap must be from 0 to --chunk-words - 1 ({words - 1}), got {overlap}")
 
 
@@ -170,7 +172,7 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
         if root not in roots:
             roots.append(root)
         index.save()
-        if getattr(index.backend, "standin", False):
+        if index.backend.standin:
             report.notes.append(f"factory {index.manifest['factory']} needs more vectors to train than the "
                                 f"{index.count_chunks()} stored: exact search serves until there are enough")
         report.total_documents, report.total_chunks = index.count_documents(), index.count_chunks()
@@ -189,30 +191,19 @@ def _read(corpus, on_error: str, warn) -> tuple[list[Document], str]:
     from .corpus.readers import CorpusWarning
 
     path = Path(corpus)
-    if not path.exists():
-        raise InputError(f"corpus path does not exist: {corpus}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorpusWarning)
-        docs = list(read_corpus(path, on_error=on_error))
+        docs = read_documents(path, on_error=on_error)
     for w in caught:
         if issubclass(w.category, CorpusWarning) and warn is not None:
             warn(str(w.message))
-    if not docs:
-        raise CorpusError(f"no documents found in {corpus} (looked for .txt .md .html .pdf .jsonl)")
     # a single file's documents are keyed by its name, a folder's by paths relative to it: the root owns them
     return docs, str(path.resolve())
 
 
 def _exists(folder: Path) -> bool:
-    """An index to update; a folder that exists but is not rkit's is refused now, before any model loads."""
-    if not folder.exists():
-        return False
-    if not is_index_folder(folder):
-        if folder.is_dir() and not any(folder.iterdir()):
-            return False
-        raise InputError(f"folder {folder} already exists and is not an rkit index; choose another --name or "
-                         "--index-dir (rkit never writes into a folder it did not make)")
-    return (folder / MANIFEST).is_file() or (folder / "docs.sqlite").is_file()
+    """An index to update (a folder that is not rkit's is refused now, before any model loads)."""
+    return existing_index(folder) and ((folder / MANIFEST).is_file() or (folder / "docs.sqlite").is_file())
 
 
 def _check_against_index(index: Index, settings: IndexSettings) -> None:

@@ -5,8 +5,8 @@ CorpusError for the whole run, one line naming the bad files; its `errors` attri
 """
 
 from .document import Chunk, Document, chunk_document, embed_text
-from .loader import SUPPORTED_SUFFIXES, load_corpus, read_corpus
+from .loader import SUPPORTED_SUFFIXES, load_corpus, read_corpus, read_documents
 from .readers import CorpusWarning
 
 __all__ = ["Chunk", "CorpusWarning", "Document", "SUPPORTED_SUFFIXES", "chunk_document", "embed_text",
-           "load_corpus", "read_corpus"]
+           "load_corpus", "read_corpus", "read_documents"]

@@ -40,6 +40,14 @@ def read_corpus(path, *, on_error: str = "raise", max_file_bytes: int = 50_000_0
     return _documents(_find_files(Path(path)), on_error == "skip", max_file_bytes)
 
 
+def read_documents(path, *, on_error: str = "raise", max_file_bytes: int = 50_000_000) -> list[Document]:
+    """Every document of a corpus (see `read_corpus`); raises CorpusError when it holds none at all."""
+    docs = list(read_corpus(path, on_error=on_error, max_file_bytes=max_file_bytes))
+    if not docs:
+        raise CorpusError(f"no documents found in {path} ({_LOOKED_FOR})")
+    return docs
+
+
 def load_corpus(path, *, chunk_words: int = 200, overlap: int = 40, on_error: str = "raise",
                 max_file_bytes: int = 50_000_000, tokenizer=None,
                 max_tokens: int | None = None) -> tuple[list[Document], list[Chunk]]:
@@ -50,9 +58,7 @@ def load_corpus(path, *, chunk_words: int = 200, overlap: int = 40, on_error: st
     """
     # before reading: a bad flag should not wait for a large corpus
     check_chunking(chunk_words, overlap, tokenizer, max_tokens)
-    docs = list(read_corpus(path, on_error=on_error, max_file_bytes=max_file_bytes))
-    if not docs:
-        raise CorpusError(f"no documents found in {path} ({_LOOKED_FOR})")
+    docs = read_documents(path, on_error=on_error, max_file_bytes=max_file_bytes)
     chunks = [c for d in docs for c in chunk_document(d, chunk_words=chunk_words, overlap=overlap,
                                                       tokenizer=tokenizer, max_tokens=max_tokens)]
     return docs, chunks

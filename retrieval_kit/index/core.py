@@ -64,7 +64,7 @@ DocumentUpdate = tuple[str, str, str, Sequence[dict], np.ndarray]
 
 def check_name(name: str) -> str:
     """An index name is a name, not a path: letters, digits, '.', '_', '-' (no '/', no '..', no leading dot)."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or ".." in name:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise InputError(f"bad index name {name!r}: use letters, digits, '.', '_' or '-' (at most 100, no '/' "
                          "or '..'); to put an index somewhere else, pass --index-dir")
     return name
@@ -78,7 +78,7 @@ class Index:
         self.folder, self.manifest, self.store, self.backend = Path(folder), manifest, store, backend
         self.writable, self._lock = writable, lock
         self._stale = False    # backend may disagree with the store: rebuild before use
-        self._filter = False   # reader of a server collection that disagrees: drop hits outside the snapshot
+        self._filter = False   # reader of a server collection (it cannot repair it): drop hits outside the snapshot
         self._changed = False  # something changed since open: bump manifest "updated" on save
         self._closed = False
         self._state = store.state()
@@ -110,8 +110,7 @@ class Index:
             _remove_own_files(folder)  # what a create that died before its first save left (the marker proves it)
             store = DocStore(folder / DOCS, create=True)
             try:
-                store.migrate()
-                index = cls(folder, manifest, store, _open_backend(folder, manifest, label, True, timeout),
+                index = cls(folder, manifest, store, _open_backend(folder, manifest, label, timeout, create=True),
                             writable=True, lock=lock)
             except BaseException:
                 store.close()
@@ -149,9 +148,7 @@ class Index:
                 _write_marker(folder)
             else:
                 store.pin()
-            # a reader never opens the local Qdrant folder (one process only, and that is the writer's)
-            memory = not writable and manifest["backend"] == "qdrant" and not (manifest.get("qdrant") or {}).get("url")
-            backend = _open_backend(folder, manifest, label, False, timeout, memory=memory)
+            backend = _open_backend(folder, manifest, label, timeout, reader=not writable)
             index = cls(folder, manifest, store, backend, writable=writable, lock=lock)
         except BaseException:
             for part in (backend, store):
@@ -197,8 +194,7 @@ class Index:
         if state == self._state:
             return False
         self.manifest = _load_manifest(self.folder, self.store, False)
-        backend = _open_backend(self.folder, self.manifest, self.label, False, 10,
-                                memory=isinstance(self.backend, QdrantBackend) and self.backend.local)
+        backend = _open_backend(self.folder, self.manifest, self.label, 10, reader=True)
         self.backend.close()
         self.backend, self._state, self._stale, self._filter = backend, state, False, False
         self._check_backend()
@@ -282,7 +278,7 @@ class Index:
         return {**self.manifest, "folder": str(self.folder),
                 "counts": {"documents": self.count_documents(), "chunks": self.count_chunks()},
                 "vectors": None if pending else self.backend.count(), "generation": self.generation,
-                "exact_standin": bool(getattr(self.backend, "standin", False)),
+                "exact_standin": self.backend.standin,
                 "size_bytes": _folder_size(self.folder)}
 
     # -- changes (writer only) ---------------------------------------------------------------
@@ -305,8 +301,7 @@ class Index:
         self._check_chunk_ids(docs)
         now = _now()
         with self._mutation():
-            old_rows = self.store.rows_of(doc_ids)
-            self.store.delete_documents(doc_ids)
+            _, old_rows = self.store.delete_documents(doc_ids)
             rows = self.store.allocate_rows(sum(len(d[3]) for d in docs))
             start = 0
             for doc_id, content_hash, source, chunks, vectors in docs:
@@ -324,8 +319,7 @@ class Index:
         if not doc_ids:
             return 0
         with self._mutation():
-            rows = self.store.rows_of(doc_ids)
-            removed = self.store.delete_documents(doc_ids)
+            removed, rows = self.store.delete_documents(doc_ids)
         self._delete_from_backend(rows)
         return removed
 
@@ -611,16 +605,26 @@ def remove_index(folder: Path, wait: float | bool = False) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def existing_index(folder: Path) -> bool:
+    """Whether ``folder`` holds an rkit index (False: absent or empty). InputError for anything else there, so a
+    user's folder is refused before any work (rkit never writes into a folder it did not make)."""
+    if not folder.exists():
+        return False
+    if not folder.is_dir():
+        raise InputError(f"{folder} exists and is not a folder; choose another --name or --index-dir")
+    if is_index_folder(folder):
+        return True
+    if any(folder.iterdir()):
+        raise InputError(f"folder {folder} already exists and is not an rkit index; choose another --name or "
+                         "--index-dir (rkit never writes into a folder it did not make)")
+    return False
+
+
 def _claim_folder(folder: Path, label: str) -> bool:
     """Make ``folder`` an index folder, or refuse: True if this call created it. Never touches a user's folder."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{label}: {folder} exists and is not a folder; choose another --name or --index-dir")
-    if folder.is_dir():
-        if is_index_folder(folder):
-            return False
-        if any(folder.iterdir()):
-            raise InputError(f"{label}: folder {folder} already exists and is not an rkit index; "
-                             "choose another --name or --index-dir (rkit never writes into a folder it did not make)")
+    if existing_index(folder):
+        return False
+    if folder.is_dir():  # empty
         _write_marker(folder)
         return False
     try:
@@ -668,8 +672,10 @@ def _way_out(folder: Path) -> str:
     return f"rebuild it from its corpus: rkit index CORPUS --name {folder.name} --rebuild"
 
 
-def _open_backend(folder: Path, manifest: dict, label: str, create: bool, timeout: float,
-                  memory: bool = False) -> VectorBackend:
+def _open_backend(folder: Path, manifest: dict, label: str, timeout: float, *, create: bool = False,
+                  reader: bool = False) -> VectorBackend:
+    """The index's backend. A reader never opens the local Qdrant folder (one process only, and that is the
+    writer's): it gets an in-memory collection, filled from its snapshot by the first sync."""
     if manifest["backend"] == "faiss":
         return FaissBackend(folder, int(manifest["dim"]), manifest["factory"],
                             params=manifest.get("faiss_params"), label=label, create=create)
@@ -677,7 +683,7 @@ def _open_backend(folder: Path, manifest: dict, label: str, create: bool, timeou
     url = qdrant.get("url")
     return QdrantBackend(int(manifest["dim"]), qdrant.get("collection") or manifest["name"],
                          folder=None if url else folder, url=url, label=label, create=create, timeout=timeout,
-                         memory=memory)
+                         memory=reader and not url)
 
 
 def _available_hint(folder: Path) -> str:

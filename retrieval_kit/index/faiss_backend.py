@@ -50,9 +50,14 @@ def _is_flat(factory: str) -> bool:
     return factory.replace(" ", "").upper().removeprefix("IDMAP2,").removeprefix("IDMAP,") == "FLAT"
 
 
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index inside our IDMap wrapper (the factory's own index)."""
+    return faiss.downcast_index(index.index) if hasattr(index, "index") else index
+
+
 def _min_training_rows(index: faiss.Index) -> int:
     """faiss refuses to train IVF on fewer vectors than lists, and PQ on fewer than its 2^nbits centroids."""
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    inner = _inner(index)
     ivf = faiss.try_extract_index_ivf(inner)
     quantiser = faiss.downcast_index(ivf) if ivf is not None else inner
     pq = getattr(quantiser, "pq", None)
@@ -82,8 +87,7 @@ class FaissBackend:
             index = faiss.read_index(str(self.path))
             if index.d != self.dim:
                 raise RuntimeError(f"dimension {index.d} != {self.dim}")
-            inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-            self.standin = isinstance(inner, faiss.IndexFlat) and not _is_flat(self.factory)
+            self.standin = isinstance(_inner(index), faiss.IndexFlat) and not _is_flat(self.factory)
             if not self.standin:  # a Flat stand-in has no nprobe/efSearch to set
                 _apply_params(index, self.params)
         except RuntimeError:

@@ -91,7 +91,7 @@ class QdrantBackend:
                  label: str = "index", create: bool = False, timeout: float = 10, memory: bool = False):
         self.dim, self.collection, self.url, self.label = dim, collection, url, label
         self.needs_rebuild = False  # qdrant applies every change directly
-        self.standin = False
+        self.standin = False  # nothing to train
         self.client = connect(folder=folder, url=url, label=label, timeout=timeout, memory=memory)
         self.local = not url  # local folder or in-memory: ours alone, so a rebuild may recreate the collection
         exists = _retrying(self.client.collection_exists)(collection)

@@ -73,7 +73,6 @@ def row_checksum(rows) -> int:
 class DocStore:
     def __init__(self, path: Path, *, create: bool = False, readonly: bool = False, timeout: float = 30):
         self.path = Path(path)
-        self.readonly = readonly
         # isolation_level=None: no implicit transactions, we BEGIN/COMMIT ourselves.
         # check_same_thread=False: a server may search from worker threads (writes stay single-threaded).
         # timeout: a reader may wait briefly while the writer checkpoints the WAL.
@@ -101,27 +100,21 @@ class DocStore:
             self.db.execute("ALTER TABLE documents ADD COLUMN root TEXT NOT NULL DEFAULT ''")
             self.has_roots = True
         if self.get_meta("rows_sum") is None:
-            rows = [r for (r,) in self.db.execute("SELECT row FROM chunks")]
-            self.set_meta("rows_sum", str(row_checksum(rows)))
+            self.set_meta("rows_sum", str(row_checksum(self.all_rows())))
 
     # -- snapshots (readers) ------------------------------------------------------------------
     def pin(self) -> None:
-        """Start a read transaction: every later read sees this one committed state until ``unpin``."""
+        """Start a read transaction: every later read sees this one committed state until the next ``pin``."""
         self.rollback()
         self.db.execute("BEGIN")
         self.db.execute("SELECT 1 FROM meta LIMIT 1").fetchone()  # the snapshot starts at the first read
-
-    def unpin(self) -> None:
-        self.rollback()
 
     def state(self) -> tuple[int, int, int]:
         """(generation, chunk count, row checksum) of what this connection sees."""
         count = self.count_chunks()
         stored = self.get_meta("rows_sum")
-        if stored is None:  # an older store, opened read-only: compute what the writer would have stored
-            checksum = row_checksum([r for (r,) in self.db.execute("SELECT row FROM chunks")])
-        else:
-            checksum = int(stored)
+        # an older store, opened read-only: compute what the writer would have stored
+        checksum = row_checksum(self.all_rows()) if stored is None else int(stored)
         return int(self.get_meta("generation", "0")), count, checksum
 
     # -- transactions -----------------------------------------------------------------------
@@ -204,30 +197,25 @@ class DocStore:
                 found[rec[0]] = _chunk_dict(rec)
         return found
 
-    def iter_batches(self, size: int = 1024, rows: Iterable[int] | None = None) -> Iterator[Batch]:
-        """Stored chunks as (rows, vectors, payloads) batches in row order (all, or only ``rows``): a backend rebuild's food."""
-        if rows is not None:
-            for part in chunked(sorted({int(r) for r in rows}), _IN_BATCH):
-                sql = f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks WHERE row IN ({','.join('?' * len(part))}) ORDER BY row"
-                yield from self._batches(self.db.execute(sql, part), size)
-            return
-        yield from self._batches(self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks ORDER BY row"), size)
-
-    def _batches(self, cur, size: int) -> Iterator[Batch]:
+    def iter_batches(self, size: int = 1024) -> Iterator[Batch]:
+        """Every stored chunk as (rows, vectors, payloads) batches, in row order: what a backend rebuild eats."""
+        cur = self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks ORDER BY row")
         while recs := cur.fetchmany(size):
             rows = np.array([r[0] for r in recs], dtype=np.int64)
             vectors = np.stack([np.frombuffer(r[-1], dtype="<f4") for r in recs]).astype(np.float32)
             yield rows, vectors, [payload(_chunk_dict(r[:-1])) for r in recs]
 
     # -- writes (call inside begin/commit) ----------------------------------------------------
-    def delete_documents(self, doc_ids: list[str]) -> int:
-        self._sum = (self._sum - row_checksum(self.rows_of(doc_ids))) & _MASK
+    def delete_documents(self, doc_ids: list[str]) -> tuple[int, np.ndarray]:
+        """Remove documents and their chunks: (documents removed, the rows their chunks had)."""
+        rows = self.rows_of(doc_ids)
+        self._sum = (self._sum - row_checksum(rows)) & _MASK
         deleted = 0
         for part in chunked(doc_ids, _IN_BATCH):
             marks = ",".join("?" * len(part))
             self.db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", part)
             deleted += self.db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", part).rowcount
-        return deleted
+        return deleted, rows
 
     def insert_document(self, doc_id: str, content_hash: str, source: str, n_chunks: int, updated: str,
                         root: str = "") -> None:
