@@ -6,7 +6,6 @@ import base64
 import json
 import random
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -119,11 +118,10 @@ def test_one_megabyte_chunks_fast_with_a_few_tokenizer_calls(minilm):
     base = "\n\n".join(d.text for d in read_corpus(SAMPLE_CORPUS))
     text = (base * (1_000_000 // len(base) + 1))[:1_000_000]
     counting = CountingTokenizer(tokenizer)
-    began = time.perf_counter()
     chunks = chunk_document(Document("big", text, "Big"), tokenizer=counting, max_tokens=window)
-    elapsed = time.perf_counter() - began
+    # speed is shown by the call count (one tokenisation of the document, not one per window); its wall time
+    # (about 1.5 s on one busy core) is a benchmark figure, not an assert
     assert counting.calls <= 6 and len(chunks) > 1000
-    assert elapsed < 10, f"{elapsed:.1f} s"  # about 1.5 s on one busy core
     sample = chunks[:: len(chunks) // 50]
     assert max(n_tokens(tokenizer, embed_text(c)) for c in sample) <= window
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -377,11 +376,9 @@ def test_check_document_space(tmp_path):
 
 
 # -- qdrant specifics ------------------------------------------------------------------------
-def test_qdrant_unreachable_url_fails_fast(tmp_path):
-    start = time.monotonic()
+def test_qdrant_unreachable_url_fails_with_one_line(tmp_path):
     with pytest.raises(IndexError_) as exc:
         make(tmp_path, backend="qdrant", qdrant_url="http://127.0.0.1:1", timeout=2)
-    assert time.monotonic() - start < 5
     assert_one_line(exc, "cannot reach Qdrant at http://127.0.0.1:1", "refused")
     assert not (tmp_path / "kb").exists()  # nothing left behind
 
