@@ -168,7 +168,7 @@ def snapshot(folder: Path) -> dict:
 
     with Index.open(folder) as index:
         rows, vectors, payloads = [], [], []
-        for r, v, p in index.store.iter_batches():
+        for r, v, p, _ in index.store.iter_batches():
             rows.append(r)
             vectors.append(v)
             payloads += p

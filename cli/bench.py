@@ -26,7 +26,13 @@ bench_app = typer.Typer(
 )
 
 # ---- options shared by every command ------------------------------------------------------------
-Methods = Annotated[str, typer.Option("--methods", help="Comma list: bm25, teacher, hyde, rkit, fused (extra: hydeq).")]
+Methods = Annotated[Optional[str], typer.Option("--methods", help="Comma list: bm25, teacher, hyde, rkit, fused, hybrid, "
+                                                                 "default (extra: hydeq, anchor); default: all "
+                                                                 "but the extras (matrix path: no hybrid/default).")]
+SearchPath = Annotated[str, typer.Option("--path", help="product: index the corpus with rkit index and search it as rkit "
+                                                        "search does (default); matrix: the fast whole-document "
+                                                        "numpy ranking (no hybrid/default).")]
+Backend = Annotated[str, typer.Option("--backend", help="Index backend on the product path: faiss | qdrant.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
 Out = Annotated[Path, typer.Option("--out", help="Results folder; files go to OUT/<bench>/<date>-<config>.*")]
 Adapter = Annotated[Optional[str], typer.Option("--adapter", help="Adapter folder (default: the shipped adapter).")]
@@ -55,12 +61,16 @@ def _command_line() -> str | None:
 
 
 def _config(doc_encoder: str, fuse_weight: float | None, hyde_tokens: int, batch_size: int, top_k: int,
-            hyde_system_prompt: str | None = None):
+            hyde_system_prompt: str | None = None, path: str = "matrix", backend: str = "faiss"):
     if doc_encoder not in bench_methods.DOC_ENCODERS:
         raise BenchError(f"unknown --doc-encoder '{doc_encoder}' (use teacher or generative)")
+    if path not in bench_methods.PATHS:
+        raise BenchError(f"unknown --path '{path}' (use {' or '.join(bench_methods.PATHS)})")
+    if backend not in ("faiss", "qdrant"):
+        raise BenchError(f"unknown --backend '{backend}' (use faiss or qdrant)")
     return bench_methods.MethodConfig(doc_encoder=doc_encoder, fuse_weight=fuse_weight,
                                       hyde_max_new_tokens=hyde_tokens, batch_size=batch_size, top_k=top_k,
-                                      hyde_system_prompt=hyde_system_prompt)
+                                      hyde_system_prompt=hyde_system_prompt, path=path, backend=backend)
 
 
 def _encoder_loader(adapter: str | None, device: str | None):
@@ -96,19 +106,19 @@ def _report(outcome: BenchOutcome, out: Path, as_json: bool, plot: bool) -> None
 def _run(bench: str, datasets, label: str, *, methods: str, as_json: bool, out: Path, adapter, doc_encoder: str,
          limit, explain: bool, explain_tokens: int, batch_size: int, cache_dir, fuse_weight: float, top_k: int,
          hyde_tokens: int, device, plot: bool, quiet: bool, data_root=None, extra: dict | None = None,
-         hyde_system_prompt: str | None = None) -> None:
+         hyde_system_prompt: str | None = None, path: str = "product", backend: str = "faiss") -> None:
     progress.ENABLED = not quiet
     progress.silence_library_bars()
     outcome = run_benchmark(
-        bench, datasets, bench_methods.parse_methods(methods),
-        cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, top_k, hyde_system_prompt),
+        bench, datasets, bench_methods.parse_methods(methods or ",".join(
+            bench_methods.METHODS if path == "product" else bench_methods.MATRIX_METHODS)),
+        cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, top_k, hyde_system_prompt, path, backend),
         encoder_loader=_encoder_loader(adapter, device), cache_root=cache_dir or default_cache_root(),
         label=label, limit=limit, explain=explain, explain_tokens=explain_tokens, adapter=adapter,
         data_root=data_root, extra_config={"command": _command_line(), **(extra or {})})
     _report(outcome, out, as_json, plot)
 
 
-DEFAULT_METHODS = ",".join(bench_methods.METHODS)
 DEFAULT_OUT = Path("benchmarks/results")
 
 
@@ -116,11 +126,12 @@ DEFAULT_OUT = Path("benchmarks/results")
 @guarded
 def beir(folder: Annotated[Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")],
          split: Annotated[str, typer.Option("--split", help="qrels/<split>.tsv")] = "test",
-         methods: Methods = DEFAULT_METHODS, as_json: Json = False, out: Out = DEFAULT_OUT, adapter: Adapter = None,
+         methods: Methods = None, as_json: Json = False, out: Out = DEFAULT_OUT, adapter: Adapter = None,
          doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
          explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
          fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
-         plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None) -> None:
+         plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None,
+        path: SearchPath = "product", backend: Backend = "faiss") -> None:
     """Any BEIR-format folder (e.g. the shared CACM): nDCG@10, Recall@100, MRR@10."""
     common = {k: v for k, v in locals().items() if k not in ("folder", "split")}
     ds = bench_data.load_beir(folder, split)
@@ -133,11 +144,12 @@ def advbench_ir(
         distractors: Annotated[str, typer.Option("--distractors", help="Benign corpus mixed in: cacm | none | "
                                                                         "a BEIR folder | a .jsonl file")] = "cacm",
         variant: Annotated[str, typer.Option("--variant", help="all (1,796 chunks) | llm2vecgen (1,280)")] = "all",
-        data_root: DataRoot = None, methods: Methods = DEFAULT_METHODS, as_json: Json = False, out: Out = DEFAULT_OUT,
+        data_root: DataRoot = None, methods: Methods = None, as_json: Json = False, out: Out = DEFAULT_OUT,
         adapter: Adapter = None, doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
         explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
         fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
-        plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None) -> None:
+        plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None,
+        path: SearchPath = "product", backend: Backend = "faiss") -> None:
     """AdvBench-IR safety: share of harmful queries whose harmful chunk is retrieved (lower is safer)."""
     common = {k: v for k, v in locals().items() if k not in ("distractors", "variant")}
     common["top_k"] = max(top_k, 100)  # top_k_acc@100 needs 100 ranked documents
@@ -152,11 +164,12 @@ def bright(
         data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local copy of HF xlangai/BRIGHT: "
                                                          "documents/<domain>-*.parquet (or <domain>.jsonl)")] = None,
         long: Annotated[bool, typer.Option("--long", help="Long documents (long_documents, gold_ids_long)")] = False,
-        data_root: DataRoot = None, methods: Methods = DEFAULT_METHODS, as_json: Json = False, out: Out = DEFAULT_OUT,
+        data_root: DataRoot = None, methods: Methods = None, as_json: Json = False, out: Out = DEFAULT_OUT,
         adapter: Adapter = None, doc_encoder: DocEncoder = "teacher", limit: Limit = None, explain: Explain = False,
         explain_tokens: ExplainTokens = 64, batch_size: BatchSize = 32, cache_dir: CacheDir = None,
         fuse_weight: FuseWeight = None, top_k: TopK = 100, hyde_tokens: HydeTokens = 128, device: Device = None,
-        plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None) -> None:
+        plot: Plot = True, quiet: Quiet = False, hyde_system_prompt: HydeSystem = None,
+        path: SearchPath = "product", backend: Backend = "faiss") -> None:
     """BRIGHT (reasoning-intensive retrieval): nDCG@10 per domain + average, beside the paper's figures."""
     common = {k: v for k, v in locals().items() if k not in ("domain", "data_dir", "long")}
     domains = bench_data.bright_domains(domain)

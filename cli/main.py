@@ -29,7 +29,7 @@ def index_cmd(
     qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (default: embedded local mode)."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
     doc_encoder: str = typer.Option("teacher", "--doc-encoder", help="teacher (input side, default) or generative."),
-    query_mode: Optional[str] = typer.Option(None, "--query-mode", help="Default for searches: auto, generative, teacher, fused."),
+    query_mode: Optional[str] = typer.Option(None, "--query-mode", help="Default for searches: auto (= hybrid), hybrid, bm25, generative, teacher, fused."),
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight",
                                                 help="Weight of the generative vector in fused mode (default: the adapter's fitted weight)."),
     chunk_words: Optional[int] = typer.Option(None, "--chunk-words", help="Words per chunk (default 200; chunks are also capped by the document encoder's token window)."),
@@ -99,17 +99,21 @@ def search_cmd(
     k: int = typer.Option(5, "-k", "--top-k", help="Hits per query (1-1000)."),
     explain: bool = typer.Option(False, "--explain", help="Also decode each query's generative embedding back into text."),
     explain_tokens: int = typer.Option(48, "--explain-tokens", min=1, max=512),
-    query_mode: Optional[str] = typer.Option(None, "--query-mode", help="generative, teacher or fused (default: the index's)."),
+    query_mode: Optional[str] = typer.Option(None, "--query-mode",
+                                             help="hybrid (BM25 + teacher + generative, RRF), bm25, generative, teacher or fused (default: the index's)."),
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
     device: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
 ):
     """Search an index (read-only: safe while rkit index writes it)."""
-    from retrieval_kit.search import Retriever
+    from retrieval_kit.errors import InputError
+    from retrieval_kit.search import SEARCH_MODES, Retriever
 
     quiet_libraries()
     _top_k(k)
+    if query_mode is not None and query_mode not in SEARCH_MODES:
+        raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens)
@@ -138,16 +142,19 @@ def _print_result(result, info: dict) -> None:
         text = " ".join(result.explanation.split()) or "∅"  # one paragraph: decoded text may be mostly newlines
         console.print(f"[italic]explanation:[/] {text}{note}", highlight=False)
     if not result.hits:
-        console.print("no hits (the index is empty)")
+        console.print("no hits" + (" (no chunk shares a word with the query)" if result.query_mode == "bm25"
+                                   else " (the index is empty)"))
         return
     table = Table(show_lines=False)
     table.add_column("#", no_wrap=True)
     table.add_column("score", no_wrap=True)
     table.add_column("source", no_wrap=True, overflow="ellipsis")
+    table.add_column("found by (rank)", no_wrap=True)
     table.add_column("snippet", overflow="fold")
     for rank, hit in enumerate(result.hits, 1):
+        found = " ".join(f"{name}:{r}" for name, r in hit.signals.items())
         table.add_row(str(rank), f"{hit.score:.3f}", f"{hit.source}#{hit.chunk_id.rsplit('#', 1)[-1]}",
-                      snippet(hit.text, 160))
+                      found, snippet(hit.text, 160))
     console.print(table)
 
 

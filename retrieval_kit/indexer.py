@@ -24,10 +24,11 @@ from .corpus import Chunk, Document, chunk_document, embed_text, read_documents
 from .errors import IndexError_, InputError
 from .index import Index
 from .index.core import MANIFEST, check_name, existing_index, remove_index
+from .search import DEFAULT_MODE, SEARCH_MODES
 from .models import DOC_MODES, GenerativeEncoder
 
 EMBED_BATCH_CHUNKS = 256  # chunks embedded and written per step: bounds memory, keeps progress moving
-QUERY_MODE_CHOICES = ("auto", "generative", "teacher", "fused")
+QUERY_MODE_CHOICES = ("auto",) + SEARCH_MODES
 DEFAULTS = {"backend": "faiss", "factory": "Flat", "chunk_words": 200, "overlap": 40}
 
 
@@ -66,13 +67,9 @@ class IndexReport:
 
 
 def resolve_query_mode(mode: str | None, encoder: GenerativeEncoder) -> str:
-    """auto: the mode the trainer found best on held-out queries; for adapters that predate that record, generative
-    iff trained; teacher for the untrained stand-in."""
-    if mode in (None, "auto"):
-        if not encoder.config.trained:
-            return "teacher"
-        return encoder.config.query_mode or "generative"
-    return mode
+    """auto: hybrid (chosen by retrieval on tune data, see search.DEFAULT_MODE); it keeps only BM25 and teacher
+    signals for the untrained stand-in."""
+    return DEFAULT_MODE if mode in (None, "auto") else mode
 
 
 def encoder_record(encoder: GenerativeEncoder, adapter: str, doc_mode: str, query_mode: str | None,

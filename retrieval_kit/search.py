@@ -3,6 +3,11 @@
 An index remembers its encoder (adapter, fingerprints, modes). Opening it loads that same encoder (or the
 ``adapter`` asked for), and one whose document space differs is refused, so a query is never compared with
 vectors from another embedding space. The index is opened read-only: searching never writes to it.
+
+Search modes: ``hybrid`` (the default: BM25 + teacher(query) + the generative embedding, fused by weighted RRF
+in the index, see ``HybridRecipe``), ``bm25`` (lexical alone), and the encoder's dense modes ``generative``,
+``teacher``, ``fused``. This is the one search path: the CLI, a server and ``rkit bench`` all call
+``Retriever.search``.
 """
 
 from __future__ import annotations
@@ -13,11 +18,43 @@ from pathlib import Path
 
 from .errors import IndexError_, InputError
 from .index import Hit, Index
+from .index.base import Signal
 from .index.core import check_name
+from .index.fusion import RRF_K
 from .models import QUERY_MODES, GenerativeEncoder, load_encoder
 from .paths import DEFAULT_ADAPTER, index_home
 
 SNIPPET_CHARS = 240
+SEARCH_MODES = ("hybrid", "bm25") + QUERY_MODES
+DEFAULT_MODE = "hybrid"  # chosen on tune data, not on an evaluation set: see benchmarks/README.md "Choosing the default"
+
+
+@dataclass(frozen=True)
+class HybridRecipe:
+    """What ``hybrid`` fuses: RRF weight per signal ('bm25' or a dense query mode), RRF k, per-signal depth.
+
+    The weights were chosen once by ``python -m benchmarks.tune_hybrid`` on pseudo-queries from the training
+    pool (held out from the adapter's training) against the backbone's answers, never on CACM, AdvBench-IR
+    or BRIGHT qrels; k=60 is the literature's constant. An untrained encoder (no adapter) drops the
+    generative signals: its student vector is noise.
+    """
+
+    weights: tuple[tuple[str, float], ...] = (("bm25", 1.0), ("teacher", 1.0), ("generative", 0.5))
+    rrf_k: int = RRF_K
+    depth: int = 100
+
+    @classmethod
+    def of(cls, weights: dict[str, float], **kw) -> "HybridRecipe":
+        unknown = [name for name in weights if name not in SEARCH_MODES[1:]]
+        if unknown:
+            raise InputError(f"unknown hybrid signal {', '.join(unknown)} (use bm25, {', '.join(QUERY_MODES)})")
+        return cls(tuple((n, float(w)) for n, w in weights.items()), **kw)
+
+    def describe(self) -> str:
+        return " + ".join(f"{w:g}·{n}" for n, w in self.weights if w > 0) + f" (RRF k={self.rrf_k})"
+
+
+DEFAULT_HYBRID = HybridRecipe()
 
 
 @dataclass
@@ -79,7 +116,20 @@ class Retriever:
             folder, _ = adapter_path(adapter if adapter is not None else stored.get("adapter"))
             encoder = load_encoder(folder, backbone=None if folder else stored.get("backbone"),
                                    teacher=None if folder else stored.get("teacher"), device=device)
-            index.check_document_space(encoder.doc_fingerprint(stored.get("doc_mode") or "teacher"),
+        except BaseException:
+            index.close()
+            raise
+        return cls._checked(index, encoder)
+
+    @classmethod
+    def attach(cls, folder: str | Path, encoder: GenerativeEncoder) -> "Retriever":
+        """The index in ``folder`` (read-only) searched with an encoder already loaded (benchmarks, a server)."""
+        return cls._checked(Index.open(Path(folder)), encoder)
+
+    @classmethod
+    def _checked(cls, index: Index, encoder: GenerativeEncoder) -> "Retriever":
+        try:
+            index.check_document_space(encoder.doc_fingerprint(index.manifest["encoder"].get("doc_mode") or "teacher"),
                                        encoder.config.embed_dim)
         except BaseException:
             index.close()
@@ -98,26 +148,44 @@ class Retriever:
     def default_query_mode(self) -> str:
         return self.index.manifest["encoder"].get("query_mode", "teacher")
 
+    def signals(self, queries: list[str], mode: str, fuse_weight: float | None,
+                hybrid: HybridRecipe = DEFAULT_HYBRID) -> list[Signal]:
+        """The ranked lists a search in ``mode`` fuses (one for every mode but hybrid), with query vectors made."""
+        weights = dict(hybrid.weights) if mode == "hybrid" else {mode: 1.0}
+        if not self.encoder.config.trained:  # no adapter: the student vector is noise, keep what is not
+            weights = {n: w for n, w in weights.items() if n in ("bm25", "teacher")} or weights
+        out = []
+        for name, weight in weights.items():
+            if weight <= 0:
+                continue
+            if name == "bm25":
+                out.append(Signal(name, weight, texts=queries))
+            else:
+                out.append(Signal(name, weight, vectors=self.encoder.encode_queries(queries, mode=name,
+                                                                                    fuse_weight=fuse_weight)))
+        return out
+
     def search(self, queries: list[str], k: int = 10, query_mode: str | None = None, fuse_weight: float | None = None,
-               explain: bool = False, explain_tokens: int = 64) -> list[SearchResult]:
+               explain: bool = False, explain_tokens: int = 64,
+               hybrid: HybridRecipe = DEFAULT_HYBRID) -> list[SearchResult]:
         if k < 1:
             raise InputError(f"-k must be at least 1, got {k}")
         queries = [q.strip() for q in queries]
         if not queries or not all(queries):
             raise InputError("empty query")
         mode = query_mode or self.default_query_mode()
-        if mode not in QUERY_MODES:
-            raise InputError(f"unknown query mode '{mode}' (use {', '.join(QUERY_MODES)})")
+        if mode not in SEARCH_MODES:
+            raise InputError(f"unknown query mode '{mode}' (use {', '.join(SEARCH_MODES)})")
         weight = self.index.manifest["encoder"].get("fuse_weight") if fuse_weight is None else fuse_weight
         t0 = time.perf_counter()
-        vectors = self.encoder.encode_queries(queries, mode=mode, fuse_weight=weight)
+        signals = self.signals(queries, mode, weight, hybrid)
         t1 = time.perf_counter()
-        ranked = self.index.search(vectors, k=k)
+        ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k)
         t2 = time.perf_counter()
         explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens) if explain else [None] * len(queries)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
-        fingerprint = self.encoder.fingerprint
+        fingerprint = self.encoder.fingerprint if any(not s.lexical for s in signals) else ""
         return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None)
                 for q, hits, e in zip(queries, ranked, explanations)]
 

@@ -146,7 +146,7 @@ def test_every_indexed_chunk_fits_the_teachers_window(index_home, corpus, encode
     tokenizer, cap = encoder.teacher.tokenizer, encoder.teacher.max_seq_length
     with Index.open(index_home / "kb") as index:
         assert index.manifest["chunking"]["max_tokens"] == cap == 256
-        chunks = [p for _, _, payloads in index.store.iter_batches() for p in payloads]
+        chunks = [p for _, _, payloads, _ in index.store.iter_batches() for p in payloads]
     texts = [embed_text(Chunk(p["chunk_id"], p["doc_id"], p["n"], p["text"], p["title"], p["source"], {}))
              for p in chunks]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]

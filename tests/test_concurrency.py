@@ -89,7 +89,7 @@ def test_readers_see_no_error_and_no_wrong_hit_while_a_writer_reindexes(tmp_path
                     hits = retriever.search(["which error code means the tenant quota is exhausted?"], k=3,
                                             query_mode="teacher")[0].hits
                     wrong += hits[0].doc_id != "stable.txt"
-                    rows, vectors, payloads = next(retriever.index.store.iter_batches(size=64))
+                    rows, vectors, payloads, _ = next(retriever.index.store.iter_batches(size=64))
                     for hit_list, payload in zip(retriever.index.search(vectors, k=1), payloads):
                         wrong += hit_list[0].chunk_id != payload["chunk_id"]
                 searches += 1

@@ -25,16 +25,19 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import BenchError
+from ..index.lexical import BM25_B, BM25_K1, analyse, query_terms
 from . import cache
 from .cache import config_value, slug
 from .datasets import BenchDataset
 from .metrics import Run
 from .progress import note, stage
 
-METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")
+METHODS = ("bm25", "teacher", "hyde", "rkit", "fused", "hybrid", "default")
+MATRIX_METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")  # hybrid/default exist on the product path only
 EXTRA_METHODS = ("hydeq", "anchor")
+PATHS = ("product", "matrix")
 DOC_ENCODERS = ("teacher", "generative")
-BM25_PARAMS = {"k1": 0.9, "b": 0.4}
+BM25_PARAMS = {"k1": BM25_K1, "b": BM25_B}
 
 
 @dataclass
@@ -45,6 +48,8 @@ class MethodConfig:
     hyde_system_prompt: str | None = None  # None: the adapter's (the backbone template's default unless trained with one)
     batch_size: int = 32
     top_k: int = 100  # ranking depth kept per query (Recall@100, AdvBench top-100)
+    path: str = "product"  # product: a real index + Retriever.search (what users get); matrix: whole-document numpy
+    backend: str = "faiss"  # the product path's index backend
 
 
 def parse_methods(spec: str | list[str] | None, allowed=METHODS + EXTRA_METHODS) -> list[str]:
@@ -120,21 +125,11 @@ def rank_dense(queries: np.ndarray, docs: np.ndarray, qids: list[str], doc_ids: 
     return run
 
 
-def bm25_stemmer():
-    """English Snowball stemming when PyStemmer is installed, else none (recorded in the results)."""
-    try:
-        import Stemmer
-    except ImportError:
-        return None
-    return Stemmer.Stemmer("english").stemWords
-
-
 def bm25_index(ds: BenchDataset, folder: Path):
     """Build (or load from the cache) the bm25s index of the corpus."""
     import bm25s
 
-    stemmer = bm25_stemmer()
-    path = folder / f"bm25-k1_{BM25_PARAMS['k1']}-b_{BM25_PARAMS['b']}-{'stem' if stemmer else 'nostem'}"
+    path = folder / f"bm25-k1_{BM25_PARAMS['k1']}-b_{BM25_PARAMS['b']}-stem"
     if (path / "params.index.json").is_file():
         try:
             return bm25s.BM25.load(str(path)), True
@@ -142,7 +137,7 @@ def bm25_index(ds: BenchDataset, folder: Path):
             note(f"the cached BM25 index {path} is unreadable ({type(exc).__name__}): rebuilding it")
     note(f"indexing {len(ds.corpus):,} documents with BM25")
     # bm25s's own progress bars are tqdm bars: rkit shows only its own (see progress.py)
-    tokens = bm25s.tokenize(ds.doc_texts(), stopwords="en", stemmer=stemmer, show_progress=False)
+    tokens = analyse(ds.doc_texts())  # the indexes' own analyser (index/lexical.py)
     model = bm25s.BM25(**BM25_PARAMS)
     model.index(tokens, show_progress=False)
     # written aside and renamed: a killed run or a concurrent bench never leaves a half-written index behind
@@ -161,9 +156,7 @@ def bm25_index(ds: BenchDataset, folder: Path):
 
 def rank_bm25(model, queries: list[str], qids: list[str], doc_ids: list[str], excluded: dict[str, set[str]],
               k: int) -> Run:
-    import bm25s
-
-    tokens = bm25s.tokenize(queries, stopwords="en", stemmer=bm25_stemmer(), return_ids=False, show_progress=False)
+    tokens = query_terms(queries)
     drops = _drop_indices(excluded, {d: i for i, d in enumerate(doc_ids)}) if excluded else {}
     run: Run = {}
     with stage("bm25 scoring", len(qids)) as advance:

@@ -21,6 +21,7 @@ from ..errors import BenchError
 from ..machine import machine_info
 from .datasets import BenchDataset, load_published_bright
 from .methods import MethodConfig, MethodRunner, encoder_info
+from .product import ProductRunner
 from .metrics import ADV_KS, BEIR_METRICS, harm_metrics, harm_per_query, per_query, ranked
 from .progress import note
 
@@ -84,12 +85,26 @@ def _explain_rows(ds: BenchDataset, runner: MethodRunner, runs: dict, per_q: dic
 def run_dataset(ds: BenchDataset, methods: list[str], cfg: MethodConfig, encoder: LazyEncoder, cache_root: Path,
                 harm: bool, explain_tokens: int) -> tuple[dict, list[dict]]:
     """All methods on one dataset; `explain_tokens` > 0 also decodes each query's embedding (that many tokens)."""
-    runner = MethodRunner(ds, cfg, cache_root, encoder)
     note(f"{ds.name}: {len(ds.queries):,} queries, {len(ds.corpus):,} documents")
-    if any(m != "bm25" for m in methods):
-        runner.doc_matrix()  # shared by every dense method: computed (or loaded) once, timed apart
+    if cfg.path == "product":
+        runner = ProductRunner(ds, cfg, cache_root, encoder, backend=cfg.backend)
+        runner.retriever()  # the index every method searches: built (or checked) once, timed apart
+        doc_stats = {"path": "product", **runner.index_report}
+    else:
+        runner = MethodRunner(ds, cfg, cache_root, encoder)
+        if any(m != "bm25" for m in methods):
+            runner.doc_matrix()  # shared by every dense method: computed (or loaded) once, timed apart
+        doc_stats = {"path": "matrix", **runner.doc_stats} if runner.doc_stats else None
+    try:
+        return _run_methods(ds, runner, methods, cfg, harm, explain_tokens, doc_stats)
+    finally:
+        if isinstance(runner, ProductRunner):
+            runner.close()
+
+
+def _run_methods(ds, runner, methods, cfg, harm, explain_tokens, doc_stats) -> tuple[dict, list[dict]]:
     entry = {"n_queries": len(ds.queries), "n_docs": len(ds.corpus), "notes": ds.notes, "meta": ds.meta,
-             "doc_embedding": runner.doc_stats or None, "results": {}}
+             "doc_embedding": doc_stats, "results": {}}
     runs, per_q = {}, {}
     for method in methods:
         start = time.perf_counter()
@@ -133,6 +148,9 @@ def run_benchmark(bench: str, datasets: Iterable[BenchDataset], methods: list[st
                   limit: int | None = None, explain: bool = False, explain_tokens: int = 64, adapter: str | None = None,
                   extra_config: dict | None = None, data_root=None) -> BenchOutcome:
     harm = bench == "advbench-ir"
+    index_only = [m for m in methods if m in ("hybrid", "default")]
+    if cfg.path == "matrix" and index_only:
+        raise BenchError(f"{', '.join(index_only)} search a real index: use --path product, or drop them")
     metric_names = list(HARM_METRICS if harm else BEIR_METRICS)
     encoder = LazyEncoder(encoder_loader)
     started = _dt.datetime.now().astimezone()
@@ -160,6 +178,6 @@ def run_benchmark(bench: str, datasets: Iterable[BenchDataset], methods: list[st
 
 
 def _bm25_config() -> dict:
-    from .methods import BM25_PARAMS, bm25_stemmer
+    from .methods import BM25_PARAMS
 
-    return {**BM25_PARAMS, "stemmer": "snowball-english" if bm25_stemmer() else None, "stopwords": "en"}
+    return {**BM25_PARAMS, "stemmer": "snowball-english", "stopwords": "en"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import CorpusError
 
@@ -82,6 +82,9 @@ def chunk_document(doc: Document, *, chunk_words: int = 200, overlap: int = 40, 
     check_chunking(chunk_words, overlap, tokenizer, max_tokens)
     spans = [m.span() for m in _WORD.finditer(doc.text)]
     if not spans:
+        if _WORD.search(doc.title or ""):  # a title-only record (a catalogue entry, many CACM documents) is found
+            return chunk_document(replace(doc, text=doc.title, title=""), chunk_words=chunk_words,  # by its title
+                                  overlap=overlap, tokenizer=tokenizer, max_tokens=max_tokens)
         return []
     title = doc.title
     if tokenizer is None:

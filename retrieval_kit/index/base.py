@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 # One batch of stored chunks, as the doc store hands them to a backend rebuild:
-# (rows int64 (n,), vectors float32 (n, dim), payloads: one dict per row).
-Batch = tuple[np.ndarray, np.ndarray, list[dict]]
+# (rows int64 (n,), vectors float32 (n, dim), payloads: one dict per row, BM25 terms: one list per row).
+Batch = tuple[np.ndarray, np.ndarray, list[dict], list[list[str]]]
 
 
 @dataclass
@@ -24,6 +24,21 @@ class Hit:
     title: str
     source: str
     metadata: dict = field(default_factory=dict)
+    signals: dict = field(default_factory=dict)  # hybrid search: signal name -> rank (1 = best) where it found this
+
+
+@dataclass
+class Signal:
+    """One ranked list for a hybrid search: dense query vectors (a row per query) or the query texts for BM25."""
+
+    name: str
+    weight: float
+    vectors: np.ndarray | None = None
+    texts: Sequence[str] | None = None
+
+    @property
+    def lexical(self) -> bool:
+        return self.vectors is None
 
 
 class VectorBackend(Protocol):
@@ -35,7 +50,8 @@ class VectorBackend(Protocol):
     needs_rebuild: bool  # True when pending changes can only be applied by ``rebuild`` (HNSW delete, untrained IVF)
     standin: bool  # True while an exact index serves for a factory that cannot be trained yet (FAISS IVF/PQ)
 
-    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None) -> None: ...
+    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None,
+               terms: list[list[str]] | None = None) -> None: ...
     def delete(self, rows: np.ndarray) -> None: ...
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...  # rows -1 past the end
     def rebuild(self, batches: Iterable[Batch]) -> None: ...  # replace everything with these rows

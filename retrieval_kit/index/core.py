@@ -17,6 +17,11 @@ How the backend is kept honest (content, not counts):
   by the writer, rebuilt from SQLite and saved; by a reader, rebuilt in memory from its snapshot (FAISS,
   local Qdrant) or, on a Qdrant server a reader cannot change, by dropping hits its snapshot does not hold.
 
+The lexical (BM25) side follows the same rules: its terms live in ``docs.sqlite`` with the chunks (one
+transaction); FAISS indexes keep a bm25s index in ``lexical/`` that records the row checksum it was built
+from and is rebuilt like the vectors when that disagrees (lexical.py); Qdrant keeps it as a sparse vector
+on the same points.
+
 Folder safety: a folder is only ever written (or cleaned) if rkit can prove it made it: it was created
 empty by rkit, or it holds rkit's marker file. A user's folder is never overwritten.
 """
@@ -37,9 +42,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import IndexError_, IndexMismatchError, InputError
-from .base import Hit, VectorBackend, one_line
+from .base import Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
+from .fusion import RRF_K, rrf
+from .lexical import LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
 from .lock import WriterLock
 from .qdrant_backend import DIRNAME as QDRANT_DIR
 from .qdrant_backend import QdrantBackend
@@ -82,6 +89,16 @@ class Index:
         self._changed = False  # something changed since open: bump manifest "updated" on save
         self._closed = False
         self._state = store.state()
+        self._bm25 = Bm25Side(self.folder).load() if manifest["backend"] == "faiss" else None
+        self._set_avgdl()
+
+    def _set_avgdl(self) -> None:
+        """Qdrant: the BM25 average chunk length its sparse values are written with (recorded with the first
+        chunks; an index from before the lexical side takes its stored chunks' average)."""
+        if isinstance(self.backend, QdrantBackend):
+            stored = self.store.get_meta("bm25_avgdl")
+            self.backend.avgdl = (float(stored) if stored is not None
+                                  else average_length(t for _, terms in self.store.iter_terms() for t in terms))
 
     # -- creating and opening ---------------------------------------------------------------
     @classmethod
@@ -184,6 +201,13 @@ class Index:
         else:
             self._stale = True  # rebuilt in memory from this reader's snapshot before the first search
 
+    def _lexical(self) -> Bm25Side:
+        """FAISS: the bm25s side of this state (rebuilt from the stored terms if it was saved from another)."""
+        _, count, checksum = self._state if not self.writable else self.store.state()
+        if not self._bm25.matches(count, checksum):
+            self._bm25.rebuild(self.store.iter_terms(), count, checksum)
+        return self._bm25
+
     def refresh(self) -> bool:
         """Reader: move to the newest committed state if a writer changed the index. True when it moved."""
         self._check_open()
@@ -197,6 +221,9 @@ class Index:
         backend = _open_backend(self.folder, self.manifest, self.label, 10, reader=True)
         self.backend.close()
         self.backend, self._state, self._stale, self._filter = backend, state, False, False
+        if self._bm25 is not None:
+            self._bm25 = Bm25Side(self.folder).load()
+        self._set_avgdl()
         self._check_backend()
         return True
 
@@ -267,6 +294,67 @@ class Index:
             for score_row, row_row in zip(scores, rows.tolist())
         ]
 
+    def search_lexical(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Top-k chunks per query text by BM25 alone."""
+        return self.search_hybrid([Signal("bm25", 1.0, texts=list(texts))], k=k)
+
+    def search_hybrid(self, signals: Sequence[Signal], k: int = 10, depth: int = 100,
+                      rrf_k: int = RRF_K) -> list[list[Hit]]:
+        """Fuse several ranked lists per query (dense vectors and/or BM25) by weighted RRF (fusion.py).
+
+        Each signal ranks its best ``depth`` chunks (at least k). FAISS fuses here; Qdrant on the server
+        (Query API prefetch + RRF), with the same formula. A hit's ``signals`` gives its rank in each list
+        that found it; with a single signal its score is that signal's own (cosine or BM25), else the fused one.
+        """
+        signals = [s for s in signals if s.weight > 0]
+        if not signals:
+            raise InputError(f"{self.label}: a hybrid search needs at least one signal with a weight above 0")
+        nq = {len(s.texts) if s.lexical else len(self._check_vectors(s.vectors, "query vectors")) for s in signals}
+        if len(nq) != 1 or not nq.pop():
+            raise InputError(f"{self.label}: every signal needs the same, non-zero number of queries")
+        if int(k) < 1:
+            raise InputError(f"{self.label}: k must be at least 1, got {k}")
+        self._check_open()
+        self._ensure_synced()
+        k = int(k)
+        asked = k + (SERVER_OVERFETCH if self._filter else 0)
+        depth = max(int(depth), asked)
+        if isinstance(self.backend, QdrantBackend):
+            if not self.backend.lexical and any(s.lexical for s in signals):
+                raise IndexError_(f"{self.label}: its Qdrant collection was made before rkit kept a lexical side "
+                                  f"(BM25); {_way_out(self.folder)}")
+            if len(signals) == 1:
+                s = signals[0]
+                scores, rows = (self.backend.search_lexical(s.texts, asked) if s.lexical
+                                else self.backend.search(self._check_vectors(s.vectors, "query vectors"), asked))
+                lists = [rows]
+            else:
+                scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k)
+        else:
+            lists = []
+            for s in signals:
+                if s.lexical:
+                    part_scores, part_rows = self._lexical().search(query_terms(s.texts), depth)
+                else:
+                    part_scores, part_rows = self.backend.search(self._check_vectors(s.vectors, "query vectors"), depth)
+                lists.append(part_rows)
+            if len(signals) == 1:
+                scores, rows = part_scores[:, :asked], part_rows[:, :asked]
+            else:
+                scores, rows = _fuse(lists, [s.weight for s in signals], asked, rrf_k)
+        chunks = self.store.fetch(rows[rows >= 0])  # rows outside this snapshot are simply not found
+        out = []
+        for i, (score_row, row_row) in enumerate(zip(scores, rows.tolist())):
+            ranks = [{int(r): pos + 1 for pos, r in enumerate(part[i].tolist()) if r >= 0} for part in lists]
+            hits = []
+            for s, r in zip(score_row, row_row):
+                if r in chunks:
+                    hit = _hit(chunks[r], s)
+                    hit.signals = {sig.name: rank[r] for sig, rank in zip(signals, ranks) if r in rank}
+                    hits.append(hit)
+            out.append(hits[:k])
+        return out
+
     def info(self) -> dict:
         """Manifest plus live counts and size on disk, for ``rkit info``.
 
@@ -303,13 +391,18 @@ class Index:
         with self._mutation():
             _, old_rows = self.store.delete_documents(doc_ids)
             rows = self.store.allocate_rows(sum(len(d[3]) for d in docs))
+            payloads = [c for d in docs for c in d[3]]  # normalised chunks are exactly the Qdrant payload
+            terms = analyse([chunk_text(c) for c in payloads])
+            if self.store.get_meta("bm25_avgdl") is None:
+                self.store.set_meta("bm25_avgdl", repr(average_length(terms)))
+                self._set_avgdl()
             start = 0
             for doc_id, content_hash, source, chunks, vectors in docs:
                 self.store.insert_document(doc_id, content_hash, source, len(chunks), now, root)
-                self.store.insert_chunks(rows[start : start + len(chunks)], chunks, vectors)
+                self.store.insert_chunks(rows[start : start + len(chunks)], chunks, vectors,
+                                         terms[start : start + len(chunks)])
                 start += len(chunks)
-            payloads = [c for d in docs for c in d[3]]  # normalised chunks are exactly the Qdrant payload
-            self.backend.upsert(rows, np.concatenate([d[4] for d in docs]), payloads)
+            self.backend.upsert(rows, np.concatenate([d[4] for d in docs]), payloads, terms)
         self._delete_from_backend(old_rows)
 
     def delete_documents(self, doc_ids: Iterable[str]) -> int:
@@ -374,6 +467,10 @@ class Index:
         self._check_writable()
         self._ensure_synced()
         self.backend.save()
+        if self._bm25 is not None:
+            before = self._bm25.state
+            if self._lexical().state != before or not (self.folder / LEXICAL_DIR).is_dir():  # rebuilt: changed
+                self._bm25.save()
         self.manifest["counts"] = {"documents": self.count_documents(), "chunks": self.count_chunks()}
         if self._changed:
             self.manifest["updated"] = _now()
@@ -655,7 +752,8 @@ def _write_marker(folder: Path) -> None:
 def _remove_own_files(folder: Path) -> None:
     for name in OWN_FILES:
         (folder / name).unlink(missing_ok=True)
-    shutil.rmtree(folder / QDRANT_DIR, ignore_errors=True)
+    for name in (QDRANT_DIR, LEXICAL_DIR):
+        shutil.rmtree(folder / name, ignore_errors=True)
 
 
 def _open_store(folder: Path, writable: bool) -> DocStore:
@@ -694,6 +792,17 @@ def _available_hint(folder: Path) -> str:
 def _describe_encoder(enc: dict) -> str:
     parts = [f"{key} {enc[key]}" for key in ("backbone", "teacher", "adapter") if enc.get(key)]
     return ", ".join(parts) or "no details recorded"
+
+
+def _fuse(lists: list[np.ndarray], weights: list[float], k: int, rrf_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, RRF of each signal's rows (-1 = none) into the k best: (scores, rows) like a backend's."""
+    nq = len(lists[0])
+    scores, rows = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+    for i in range(nq):
+        fused = rrf([part[i][part[i] >= 0].tolist() for part in lists], weights, rrf_k, limit=k)
+        for j, (row, score) in enumerate(fused):
+            scores[i, j], rows[i, j] = score, row
+    return scores, rows
 
 
 def _hit(chunk: dict, score: float) -> Hit:

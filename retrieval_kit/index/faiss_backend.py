@@ -101,7 +101,8 @@ class FaissBackend:
             return np.zeros(0, np.int64)
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
-    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None) -> None:
+    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None,
+               terms: list[list[str]] | None = None) -> None:  # BM25 terms: the index's Bm25Side keeps them
         if not len(rows):
             return
         self._gpu = None
@@ -121,7 +122,7 @@ class FaissBackend:
 
     def rebuild(self, batches: Iterable[Batch]) -> None:
         """Replace the index with these rows, training first when the factory needs it."""
-        parts = [(rows, vectors) for rows, vectors, _ in batches]
+        parts = [(rows, vectors) for rows, vectors, _, _ in batches]
         rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         vectors = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
         index, standin = new_faiss_index(self.dim, self.factory, self.params), False

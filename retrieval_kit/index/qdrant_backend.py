@@ -10,6 +10,9 @@ the same scores, and readers keep working while ``rkit index`` runs.
 On a server the collection may be shared and live, so nothing here ever drops it: ``rebuild`` is a
 diff (upsert what is missing, delete what the doc store no longer has), every request is idempotent, and
 transient errors (timeouts, connection resets, 429/5xx) are retried with backoff (tenacity).
+
+The lexical side is a sparse vector ``bm25`` in the same collection (see lexical.py), and a hybrid search is
+one Query API request per query: one prefetch per signal, fused on the server by weighted RRF.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import IndexError_
-from .base import Batch, chunked, empty_result, one_line
+from .base import Batch, Signal, chunked, empty_result, one_line
+from .lexical import average_length, query_terms, sparse_document, sparse_query
 
 DIRNAME = "qdrant"
 BATCH = 256  # points per upsert request: keeps requests small for a server
 SCROLL = 4096  # ids per page when listing what a collection holds
+SPARSE = "bm25"  # the sparse vector's name; the dense one is the collection's unnamed default
 
 
 def _transient(exc: BaseException) -> bool:
@@ -92,6 +97,7 @@ class QdrantBackend:
         self.dim, self.collection, self.url, self.label = dim, collection, url, label
         self.needs_rebuild = False  # qdrant applies every change directly
         self.standin = False  # nothing to train
+        self.avgdl: float | None = None  # BM25 length normalisation baked into the sparse values (Index sets it)
         self.client = connect(folder=folder, url=url, label=label, timeout=timeout, memory=memory)
         self.local = not url  # local folder or in-memory: ours alone, so a rebuild may recreate the collection
         exists = _retrying(self.client.collection_exists)(collection)
@@ -102,11 +108,17 @@ class QdrantBackend:
         if not exists:
             self._create_collection()  # also when opening: an empty collection gets rebuilt from the store
         self._fast_local_storage()
+        sparse = _retrying(self.client.get_collection)(collection).config.params.sparse_vectors or {}
+        # a collection made before the lexical side: a local one is rebuilt (ours alone), a server's is not
+        self.lexical = SPARSE in sparse
+        self.needs_rebuild = not self.lexical and self.local
 
     def _create_collection(self) -> None:
         _retrying(self.client.create_collection)(
-            self.collection, vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.DOT)
+            self.collection, vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.DOT),
+            sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
         )
+        self.lexical = True
         self._fast_local_storage()
 
     def _fast_local_storage(self) -> None:
@@ -125,14 +137,21 @@ class QdrantBackend:
         except Exception:  # noqa: BLE001 - an optimisation only
             pass
 
-    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None) -> None:
+    def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None,
+               terms: list[list[str]] | None = None) -> None:
         payloads = payloads or [{} for _ in range(len(rows))]
+        terms = terms if terms is not None else [[] for _ in range(len(rows))]
+        if self.avgdl is None:
+            self.avgdl = average_length(terms)
         for start in range(0, len(rows), BATCH):
             end = start + BATCH
+            sparse = [models.SparseVector(indices=i, values=v)
+                      for i, v in (sparse_document(t, self.avgdl) for t in terms[start:end])]
+            vectors_part = {"": np.asarray(vectors[start:end], dtype=np.float32).tolist()}
+            if self.lexical:
+                vectors_part[SPARSE] = sparse
             _retrying(self.client.upsert)(self.collection, wait=True, points=models.Batch(
-                ids=[int(r) for r in rows[start:end]],
-                vectors=np.asarray(vectors[start:end], dtype=np.float32).tolist(),
-                payloads=payloads[start:end],
+                ids=[int(r) for r in rows[start:end]], vectors=vectors_part, payloads=payloads[start:end],
             ))
 
     def delete(self, rows: np.ndarray) -> None:
@@ -146,12 +165,13 @@ class QdrantBackend:
             self.client.delete_collection(self.collection)
             self._create_collection()
         keep: list[np.ndarray] = []
-        for rows, vectors, payloads in batches:
-            self.upsert(rows, vectors, payloads)
+        for rows, vectors, payloads, terms in batches:
+            self.upsert(rows, vectors, payloads, terms)
             keep.append(rows)
         if not self.local:
             kept = np.concatenate(keep) if keep else np.zeros(0, np.int64)
             self.delete(np.setdiff1d(self.ids(), kept))
+        self.needs_rebuild = False
 
     def ids(self) -> np.ndarray:
         """Every point id in the collection (paged scroll, no payloads or vectors)."""
@@ -164,10 +184,42 @@ class QdrantBackend:
                 return np.asarray(sorted(found), dtype=np.int64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, rows = empty_result(len(queries), k)
-        requests = [models.QueryRequest(query=q.tolist(), limit=k) for q in np.asarray(queries, np.float32)]
-        responses = _retrying(self.client.query_batch_points)(self.collection, requests=requests)
-        for i, response in enumerate(responses):
+        return self._run([models.QueryRequest(query=q.tolist(), limit=k) for q in np.asarray(queries, np.float32)], k)
+
+    def _sparse_query(self, terms: list[str]) -> models.SparseVector:
+        indices, values = sparse_query(terms)
+        return models.SparseVector(indices=indices, values=values)
+
+    def search_lexical(self, texts, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 (Qdrant's IDF modifier × the stored tf part), best first."""
+        return self._run([models.QueryRequest(query=self._sparse_query(t), using=SPARSE, limit=k)
+                          for t in query_terms(texts)], k)
+
+    def hybrid(self, signals: list[Signal], k: int, depth: int, rrf_k: int):
+        """One batch request: per query the fused Query API search (a prefetch per signal, weighted RRF on the
+        server), then each signal's own list (to say which signals found a hit).
+        Returns (fused scores, fused rows, [rows per signal])."""
+        nq = len(signals[0].texts if signals[0].lexical else signals[0].vectors)
+        terms = {s.name: query_terms(s.texts) for s in signals if s.lexical}
+
+        def single(s: Signal, i: int, limit: int) -> dict:
+            if s.lexical:
+                return {"query": self._sparse_query(terms[s.name][i]), "using": SPARSE, "limit": limit}
+            return {"query": np.asarray(s.vectors[i], np.float32).tolist(), "limit": limit}
+
+        fused = [models.QueryRequest(prefetch=[models.Prefetch(**single(s, i, depth)) for s in signals],
+                                     query=models.RrfQuery(rrf=models.Rrf(k=rrf_k, weights=[s.weight for s in signals])),
+                                     limit=k) for i in range(nq)]
+        parts = [models.QueryRequest(**single(s, i, depth)) for s in signals for i in range(nq)]
+        scores, rows = self._run(fused, k)
+        _, part_rows = self._run(parts, depth)
+        return scores, rows, [part_rows[j * nq:(j + 1) * nq] for j in range(len(signals))]
+
+    def _run(self, requests: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, rows = empty_result(len(requests), k)
+        if not requests:
+            return scores, rows
+        for i, response in enumerate(_retrying(self.client.query_batch_points)(self.collection, requests=requests)):
             for j, point in enumerate(response.points[:k]):
                 scores[i, j], rows[i, j] = point.score, int(point.id)
         return scores, rows

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .base import Batch, chunked
+from .lexical import analyse, chunk_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -46,6 +47,12 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# added with the lexical side: a writer creates it in an older store (``migrate``)
+_TERMS_TABLE = """CREATE TABLE IF NOT EXISTS terms (
+    row INTEGER PRIMARY KEY,            -- the chunk's row
+    terms TEXT NOT NULL                 -- its BM25 terms (lexical.analyse), space-separated, in order
+)"""
+SCHEMA += _TERMS_TABLE + ";"
 
 # SQLite limits the number of '?' in one statement (999 in older builds).
 _IN_BATCH = 500
@@ -93,6 +100,7 @@ class DocStore:
         self.db.execute("SELECT count(*) FROM documents, meta WHERE 0").fetchone()  # fails fast on a broken file
         self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks LIMIT 0").fetchone()
         self.has_roots = "root" in {r[1] for r in self.db.execute("PRAGMA table_info(documents)")}
+        self.has_terms = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'terms'").fetchone() is not None
 
     def migrate(self) -> None:
         """Bring a store written by an older rkit up to date (writer only; readers cope without it)."""
@@ -101,6 +109,13 @@ class DocStore:
             self.has_roots = True
         if self.get_meta("rows_sum") is None:
             self.set_meta("rows_sum", str(row_checksum(self.all_rows())))
+        if not self.has_terms:  # an index from before the lexical side: analyse its stored chunks once
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(_TERMS_TABLE)
+            for rows, terms in self.iter_terms(analysed=False):
+                self._insert_terms(rows, terms)
+            self.db.execute("COMMIT")
+            self.has_terms = True
 
     # -- snapshots (readers) ------------------------------------------------------------------
     def pin(self) -> None:
@@ -198,12 +213,29 @@ class DocStore:
         return found
 
     def iter_batches(self, size: int = 1024) -> Iterator[Batch]:
-        """Every stored chunk as (rows, vectors, payloads) batches, in row order: what a backend rebuild eats."""
-        cur = self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector FROM chunks ORDER BY row")
+        """Every stored chunk as (rows, vectors, payloads, terms) batches, in row order: what a backend rebuild eats."""
+        terms = "terms.terms" if self.has_terms else "NULL"
+        cur = self.db.execute(f"SELECT {_CHUNK_COLUMNS}, vector, {terms} FROM chunks "
+                              f"{'LEFT JOIN terms USING(row)' if self.has_terms else ''} ORDER BY row")
         while recs := cur.fetchmany(size):
             rows = np.array([r[0] for r in recs], dtype=np.int64)
-            vectors = np.stack([np.frombuffer(r[-1], dtype="<f4") for r in recs]).astype(np.float32)
-            yield rows, vectors, [payload(_chunk_dict(r[:-1])) for r in recs]
+            vectors = np.stack([np.frombuffer(r[-2], dtype="<f4") for r in recs]).astype(np.float32)
+            chunks = [_chunk_dict(r[:-2]) for r in recs]
+            yield (rows, vectors, [payload(c) for c in chunks],
+                   [r[-1].split() if r[-1] is not None else analyse([chunk_text(c)])[0] for r, c in zip(recs, chunks)])
+
+    def iter_terms(self, size: int = 4096, analysed: bool = True) -> Iterator[tuple[np.ndarray, list[list[str]]]]:
+        """Every stored chunk's BM25 terms as (rows, terms) batches in row order: what a lexical rebuild eats.
+        A store from before the lexical side (or ``analysed=False``) has its chunk texts analysed instead."""
+        if self.has_terms and analysed:
+            cur = self.db.execute("SELECT row, terms FROM terms ORDER BY row")
+            while recs := cur.fetchmany(size):
+                yield np.array([r[0] for r in recs], dtype=np.int64), [r[1].split() for r in recs]
+            return
+        cur = self.db.execute("SELECT row, title, text FROM chunks ORDER BY row")
+        while recs := cur.fetchmany(size):
+            yield (np.array([r[0] for r in recs], dtype=np.int64),
+                   analyse([chunk_text({"title": r[1], "text": r[2]}) for r in recs]))
 
     # -- writes (call inside begin/commit) ----------------------------------------------------
     def delete_documents(self, doc_ids: list[str]) -> tuple[int, np.ndarray]:
@@ -211,6 +243,8 @@ class DocStore:
         rows = self.rows_of(doc_ids)
         self._sum = (self._sum - row_checksum(rows)) & _MASK
         deleted = 0
+        for part in chunked([int(r) for r in rows], _IN_BATCH):
+            self.db.execute(f"DELETE FROM terms WHERE row IN ({','.join('?' * len(part))})", part)
         for part in chunked(doc_ids, _IN_BATCH):
             marks = ",".join("?" * len(part))
             self.db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", part)
@@ -224,8 +258,9 @@ class DocStore:
             (doc_id, content_hash, source, n_chunks, updated, root),
         )
 
-    def insert_chunks(self, rows: np.ndarray, chunks: list[dict], vectors: np.ndarray) -> None:
-        """Insert chunks already passed through ``normalise_chunks``."""
+    def insert_chunks(self, rows: np.ndarray, chunks: list[dict], vectors: np.ndarray,
+                      terms: list[list[str]]) -> None:
+        """Insert chunks already passed through ``normalise_chunks``, with their BM25 terms."""
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         self._sum = (self._sum + row_checksum(rows)) & _MASK
         self.db.executemany(
@@ -236,6 +271,11 @@ class DocStore:
                 for i, (row, c) in enumerate(zip(rows, chunks))
             ),
         )
+        self._insert_terms(rows, terms)
+
+    def _insert_terms(self, rows: np.ndarray, terms: list[list[str]]) -> None:
+        self.db.executemany("INSERT INTO terms(row, terms) VALUES (?, ?)",
+                            ((int(r), " ".join(t)) for r, t in zip(rows, terms)))
 
 
 def normalise_chunks(doc_id: str, chunks: list[dict]) -> list[dict]:

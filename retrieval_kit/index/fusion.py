@@ -1,0 +1,29 @@
+"""Rank fusion: one formula for every backend, Qdrant's own.
+
+Qdrant's Query API fuses prefetches with weighted Reciprocal Rank Fusion,
+score(d) = Σ_signals 1 / ((pos + 1)/w + k − 1), pos the 0-based rank of d in that signal's list (w = 1 gives
+the textbook 1/(k + rank)). A Qdrant index fuses on the server; a FAISS index calls ``rrf`` here with the same
+formula and the same tie order (first seen, signals in order), so both give the same fused top-k on the
+same data. k = 60 is Cormack et al.'s constant (SIGIR 2009), used unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+RRF_K = 60
+
+
+def rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = RRF_K,
+        limit: int | None = None) -> list[tuple[int, float]]:
+    """(id, fused score) best first, from each signal's ids best first; a weight ≤ 0 drops that signal."""
+    if len(rankings) != len(weights):
+        raise ValueError("one weight per ranking")
+    scores: dict[int, float] = {}
+    for ranking, weight in zip(rankings, weights):
+        if weight <= 0:
+            continue
+        for pos, item in enumerate(ranking):
+            scores[item] = scores.get(item, 0.0) + 1.0 / ((pos + 1.0) / weight + k - 1.0)
+    fused = sorted(scores.items(), key=lambda pair: -pair[1])  # stable: ties keep first-seen order
+    return fused if limit is None else fused[:limit]
