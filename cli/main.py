@@ -179,6 +179,7 @@ def info_cmd(
     rows = [("folder", info["folder"]), ("backend", backend),
             ("documents", info["counts"]["documents"]), ("chunks", info["counts"]["chunks"]),
             ("vectors", info.get("vectors")), ("dim", info["dim"]), ("generation", info.get("generation")),
+            ("lexical", _lexical_row(info.get("lexical") or {})),
             ("doc space", f"{enc.get('doc_fingerprint') or enc.get('fingerprint')} · embedded by {enc.get('doc_mode')}"),
             ("queries", f"encoder {enc.get('fingerprint')} · backbone {enc.get('backbone')} · teacher {enc.get('teacher')} · "
                         f"adapter {enc.get('adapter')} ({'trained' if enc.get('trained') else 'untrained'}) · "
@@ -189,6 +190,13 @@ def info_cmd(
             ("size", f"{info.get('size_bytes', 0) / 1e6:.1f} MB")]
     for key, value in rows:
         console.print(f"[bold]{key:>10}[/]  {value}", highlight=False)
+
+
+def _lexical_row(lex: dict) -> str:
+    if not lex.get("engine"):
+        return lex.get("note") or "-"
+    extra = f", avgdl {lex['avgdl']}" if "avgdl" in lex else ""
+    return f"BM25 ({lex['engine']}, k1 {lex['k1']}, b {lex['b']}{extra}): {lex['chunks']} chunks"
 
 
 @app.command("list")

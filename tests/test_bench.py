@@ -435,7 +435,7 @@ def test_cli_beir_json_end_to_end(fake, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["methods"] == list(M.MATRIX_METHODS) and res["bench"] == "beir"
-    assert set(res["summary"]) == set(M.METHODS)
+    assert set(res["summary"]) == set(M.MATRIX_METHODS)
     assert res["datasets"]["beir_tiny"]["n_queries"] == 3
     assert res["encoder"]["fingerprint"] == "fake0001" and res["machine"]["cpu_count"]
     for kind in ("json", "markdown", "plot", "explain"):
@@ -445,7 +445,7 @@ def test_cli_beir_json_end_to_end(fake, tmp_path):
     lines = Path(res["files"]["explain"]).read_text().splitlines()
     row = json.loads(lines[0])
     assert len(lines) == 3 and row["decoded"].startswith("decoded:") and "hyde_answer" in row
-    assert set(row["top5"]) == set(M.METHODS)
+    assert set(row["top5"]) == set(M.MATRIX_METHODS)
     md = Path(res["files"]["markdown"]).read_text()
     assert "| method | ndcg@10 | recall@100 | mrr@10 | wall s |" in md
 
@@ -522,7 +522,7 @@ def test_mteb_local_task_matches_our_harness(fake, tmp_path):
     pytest.importorskip("mteb")
     from retrieval_kit.bench.mteb_model import run_mteb
 
-    cfg = M.MethodConfig()
+    cfg = M.MethodConfig(path="matrix")
     ours = run_benchmark("beir", [D.load_beir(BEIR_TINY)], ["teacher", "rkit"], cfg=cfg, encoder_loader=lambda: fake,
                          cache_root=tmp_path, label="beir_tiny").results
     theirs = run_mteb([f"beir:{BEIR_TINY}"], ["teacher", "rkit"], cfg=cfg, encoder_loader=lambda: fake).results

@@ -76,9 +76,10 @@ def test_index_and_search_sample_corpus(index_home, corpus, encoder):
     (result,) = out["results"]
     assert result["hits"][0]["doc_id"] == KEYS_DOC
     assert result["explanation"], "explanation must be non-empty text"
-    # the shipped adapter decides: the mode its trainer found best (an untrained stand-in would use the teacher)
+    # new indexes search hybrid by default; the top hit says which signals found it
     trained = encoder.config.trained
-    assert result["query_mode"] == ((encoder.config.query_mode or "generative") if trained else "teacher")
+    assert result["query_mode"] == "hybrid"
+    assert set(result["hits"][0]["signals"]) <= {"bm25", "teacher", "fused"} and result["hits"][0]["signals"]
     table = ok("search", "how do I rotate the API keys?", "--index", "kb", "--explain").stdout
     assert "rotating-api-keys" in table and "explanation" in table and ("UNTRAINED" in table) == (not trained)
     # an adapter whose decodes are not yet faithful says so next to the explanation (its model card's ROUGE-L)

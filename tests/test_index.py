@@ -59,7 +59,7 @@ def test_create_open_round_trip_and_manifest(tmp_path):
     assert manifest["counts"] == {"documents": 4, "chunks": 12}
     assert manifest["created"].endswith("Z") and manifest["updated"] >= manifest["created"]
     assert {p.name for p in (tmp_path / "kb").iterdir()} == {"manifest.json", "docs.sqlite", "faiss.index",
-                                                             ".rkit-index", ".rkit-writer.lock"}
+                                                             "lexical", ".rkit-index", ".rkit-writer.lock"}
 
     with Index.open(tmp_path / "kb") as index:  # a reader
         assert index.manifest["encoder"] == ENCODER

@@ -8,6 +8,8 @@
     anchor   the adapter's query anchor alone: teacher(query) moved by a fitted teacher-space map (optional extra;
              the ablation that shows what `fused` owes to the LLM and what to the anchor)
     fused    normalise(w·rkit + (1−w)·anchor)     — models.encoder.fuse_queries, as encode_queries(mode="fused")
+    naive-convex  0.5·minmax(bm25) + 0.5·minmax(teacher) over whole documents (optional extra: the naive hybrid
+             a hybrid default has to beat; min-max per query over every document's score)
 
 Every dense method scores against ONE document matrix per dataset (teacher by default, or the generative
 encoder with doc_encoder="generative"), computed once and cached (see cache.py).
@@ -34,7 +36,7 @@ from .progress import note, stage
 
 METHODS = ("bm25", "teacher", "hyde", "rkit", "fused", "hybrid", "default")
 MATRIX_METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")  # hybrid/default exist on the product path only
-EXTRA_METHODS = ("hydeq", "anchor")
+EXTRA_METHODS = ("hydeq", "anchor", "naive-rrf", "naive-convex")
 PATHS = ("product", "matrix")
 DOC_ENCODERS = ("teacher", "generative")
 BM25_PARAMS = {"k1": BM25_K1, "b": BM25_B}
@@ -154,6 +156,25 @@ def bm25_index(ds: BenchDataset, folder: Path):
     return model, False
 
 
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = float(x.max() - x.min())
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def rank_convex(model, queries: list[str], dense: np.ndarray, docs: np.ndarray, qids: list[str],
+                doc_ids: list[str], excluded: dict[str, set[str]], k: int, weight: float = 0.5) -> Run:
+    """The naive hybrid: per query, min-max both score lists over all documents, then a convex mix."""
+    drops = _drop_indices(excluded, {d: i for i, d in enumerate(doc_ids)}) if excluded else {}
+    run: Run = {}
+    with stage("naive-convex scoring", len(qids)) as advance:
+        for qid, toks, q in zip(qids, query_terms(queries), dense):
+            lexical = np.asarray(model.get_scores(toks), dtype=np.float32)
+            mixed = weight * _minmax(lexical) + (1 - weight) * _minmax(docs @ q)
+            run[qid] = top_k(mixed.astype(np.float32), k, doc_ids, drops.get(qid))
+            advance(1)
+    return run
+
+
 def rank_bm25(model, queries: list[str], qids: list[str], doc_ids: list[str], excluded: dict[str, set[str]],
               k: int) -> Run:
     tokens = query_terms(queries)
@@ -263,6 +284,10 @@ class MethodRunner:
             model, cached = bm25_index(self.ds, self.folder)
             self.computed = not cached
             return rank_bm25(model, self.texts, self.qids, doc_ids, self.ds.excluded, k)
+        if method == "naive-convex":
+            model, _ = bm25_index(self.ds, self.folder)
+            return rank_convex(model, self.texts, self.query_vectors("teacher"), self.doc_matrix(), self.qids,
+                               doc_ids, self.ds.excluded, k)
         docs = self.doc_matrix()
         return rank_dense(self.query_vectors(method), docs, self.qids, doc_ids, self.ds.excluded, k,
                           f"{method} scoring")

@@ -13,6 +13,8 @@ scores as its best chunk (max-pooling), so every figure is what a user gets. The
     hybrid      query mode hybrid (the default recipe, search.DEFAULT_HYBRID)
     default     the index's default query mode (what `rkit search` uses without --query-mode)
     hyde, hydeq, anchor   their query vectors (methods.py) as one dense signal on the same index
+    naive-rrf   plain RRF of bm25 and teacher (k=60, equal weights) on the same index: the naive hybrid
+    naive-convex  (whole documents, methods.py: score-level fusion is not an index search mode)
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from .methods import MethodRunner
 from .metrics import Run
 from .progress import note, stage
 
-MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid"}
+MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid",
+         "naive-rrf": "hybrid"}
+NAIVE_RRF = {"bm25": 1.0, "teacher": 1.0}
 PRODUCT_METHODS = ("bm25", "teacher", "hyde", "rkit", "fused", "hybrid", "default")
 VECTOR_METHODS = ("hyde", "hydeq", "anchor")
 QUERY_BATCH = 32
@@ -81,6 +85,12 @@ class ProductRunner(MethodRunner):
     def run(self, method: str, hybrid=None) -> Run:
         from ..index.base import Signal
 
+        from ..search import HybridRecipe
+
+        if method == "naive-convex":
+            return super().run(method)
+        if method == "naive-rrf":
+            hybrid = HybridRecipe.of(NAIVE_RRF)
         self.computed = True
         retriever = self.retriever()
         k = self.cfg.top_k

@@ -79,6 +79,13 @@ def markdown(results: dict) -> str:
     anchor = "fitted query anchor" if enc.get("anchor") else "no query anchor"
     out.append(f"- documents embedded by: {cfg['doc_encoder']}; fuse weight {weight}, {anchor}; "
                f"top-k {cfg['top_k']}; limit {cfg.get('limit') or 'none'}")
+    if cfg.get("path") == "product":
+        out.append(f"- search path: product — the corpus indexed by `rkit index` ({cfg.get('backend', 'faiss')}), "
+                   f"every method searched as `rkit search` does (Retriever.search), top {cfg['top_k']} chunks "
+                   f"max-pooled per document; hybrid = {cfg.get('hybrid', '?')}")
+    elif cfg.get("path") == "matrix":
+        out.append("- search path: matrix — whole documents ranked by a numpy matmul / bm25s (fast; not the index "
+                   "`rkit search` runs)")
     out.append(f"- machine: {mach.get('cpu')} ×{mach.get('cpu_count')}, GPU {mach.get('gpu') or 'none'}; "
                f"commit {results.get('rkit_commit') or '?'}")
     if cfg.get("command"):

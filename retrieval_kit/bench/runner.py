@@ -51,9 +51,12 @@ class LazyEncoder:
 
 def git_commit() -> str | None:
     try:
+        here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+                             cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -165,7 +168,7 @@ def run_benchmark(bench: str, datasets: Iterable[BenchDataset], methods: list[st
     results = {
         "bench": bench, "label": label, "date": started.isoformat(timespec="seconds"),
         "config": {**asdict(cfg), "methods": methods, "limit": limit, "adapter": adapter or "default",
-                   "bm25": _bm25_config(), **(extra_config or {})},
+                   "bm25": _bm25_config(), **_hybrid_config(cfg), **(extra_config or {})},
         "encoder": encoder_info(encoder.value) if encoder.value is not None else None,
         "machine": machine_info(), "rkit_commit": git_commit(),
         "methods": methods, "metrics": metric_names, "datasets": per_dataset,
@@ -175,6 +178,14 @@ def run_benchmark(bench: str, datasets: Iterable[BenchDataset], methods: list[st
     if bench == "bright":
         results["published"] = published_bright(list(per_dataset), data_root)
     return BenchOutcome(results, explanations)
+
+
+def _hybrid_config(cfg: MethodConfig) -> dict:
+    if cfg.path != "product":
+        return {}
+    from ..search import DEFAULT_HYBRID
+
+    return {"hybrid": DEFAULT_HYBRID.describe()}
 
 
 def _bm25_config() -> dict:

@@ -46,7 +46,7 @@ from .base import Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
 from .fusion import RRF_K, rrf
-from .lexical import LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
+from .lexical import BM25_B, BM25_K1, LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
 from .lock import WriterLock
 from .qdrant_backend import DIRNAME as QDRANT_DIR
 from .qdrant_backend import QdrantBackend
@@ -366,8 +366,19 @@ class Index:
         return {**self.manifest, "folder": str(self.folder),
                 "counts": {"documents": self.count_documents(), "chunks": self.count_chunks()},
                 "vectors": None if pending else self.backend.count(), "generation": self.generation,
+                "lexical": self._lexical_info(),
                 "exact_standin": self.backend.standin,
                 "size_bytes": _folder_size(self.folder)}
+
+    def _lexical_info(self) -> dict:
+        """What the BM25 side is and holds (``chunks`` equals the chunk count when it is in step)."""
+        if self._bm25 is not None:
+            side = self._lexical()
+            return {"engine": "bm25s", "chunks": int(len(side.rows)), "k1": BM25_K1, "b": BM25_B}
+        if not self.backend.lexical:
+            return {"engine": None, "note": "collection made before the lexical side: rebuild it"}
+        return {"engine": "qdrant sparse (idf modifier)", "chunks": self.count_chunks(), "k1": BM25_K1,
+                "b": BM25_B, "avgdl": round(float(self.backend.avgdl or 0), 2)}
 
     # -- changes (writer only) ---------------------------------------------------------------
     def upsert_document(self, doc_id: str, content_hash: str, source: str, chunks: Sequence[dict],

@@ -258,17 +258,26 @@ class GenerativeEncoder(nn.Module):
         fused: normalise(w·generative + (1−w)·anchored teacher(query)), w = `fuse_weight` or the adapter's fitted
         weight. The anchored vector is teacher(query) moved by the adapter's fitted query anchor (none: unchanged).
         """
-        if mode not in QUERY_MODES:
-            raise InputError(f"unknown query mode '{mode}' (use {', '.join(QUERY_MODES)})")
-        if mode == "teacher":
-            return self.encode_teacher(texts, batch_size, show_progress)
-        gen = self.encode(texts, batch_size, show_progress)
-        if mode == "generative":
-            return gen
+        return self.encode_query_modes(texts, [mode], fuse_weight, batch_size, show_progress)[mode]
+
+    def encode_query_modes(self, texts: Sequence[str], modes: Sequence[str], fuse_weight: float | None = None,
+                           batch_size: int = 32, show_progress: bool = False) -> dict[str, np.ndarray]:
+        """Vectors for several query modes at once, each model pass run once (hybrid search wants teacher and
+        fused: fused reuses the teacher vectors instead of encoding the queries a second time)."""
+        unknown = [m for m in modes if m not in QUERY_MODES]
+        if unknown:
+            raise InputError(f"unknown query mode '{unknown[0]}' (use {', '.join(QUERY_MODES)})")
         weight = self.config.fuse_weight if fuse_weight is None else fuse_weight
-        if not 0.0 <= weight <= 1.0:
+        if "fused" in modes and not 0.0 <= weight <= 1.0:
             raise InputError(f"fuse weight must be in [0, 1], got {weight}")
-        return fuse_queries(gen, self.anchor_queries(self.encode_teacher(texts, batch_size, show_progress)), weight)
+        out: dict[str, np.ndarray] = {}
+        if "teacher" in modes or "fused" in modes:
+            out["teacher"] = self.encode_teacher(texts, batch_size, show_progress)
+        if "generative" in modes or "fused" in modes:
+            out["generative"] = self.encode(texts, batch_size, show_progress)
+        if "fused" in modes:
+            out["fused"] = fuse_queries(out["generative"], self.anchor_queries(out["teacher"]), weight)
+        return {m: out[m] for m in modes}
 
     @torch.no_grad()
     def anchor_queries(self, teacher_vecs: np.ndarray) -> np.ndarray:
