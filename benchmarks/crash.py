@@ -162,8 +162,12 @@ def run_killed(cmd: list[str], env: dict, rng: random.Random, window: tuple[floa
     return {"killed": True, "delay_s": round(time.monotonic() - start, 3), "phase": phase}
 
 
+LEXICAL_SAMPLE = 50  # chunks per check whose own text must find them through BM25 (all of them: slow on local Qdrant)
+
+
 def snapshot(folder: Path) -> dict:
-    """Open the index as a reader does and check it: every chunk top-1 for its own stored vector."""
+    """Open the index as a reader does and check it: every chunk top-1 for its own stored vector, and a sample of
+    chunks found (top 10) by BM25 for their own text (the lexical side is in step with the store)."""
     from retrieval_kit.index import Index
 
     with Index.open(folder) as index:
@@ -178,7 +182,11 @@ def snapshot(folder: Path) -> dict:
         for start in range(0, len(vectors), 256):
             hits = index.search(vectors[start:start + 256], k=1)
             wrong += sum(1 for i, h in enumerate(hits) if not h or h[0].chunk_id != chunk_ids[start + i])
+        sample = random.Random(len(chunk_ids)).sample(range(len(chunk_ids)), min(LEXICAL_SAMPLE, len(chunk_ids)))
+        found = index.search_lexical([payloads[i]["text"] for i in sample], k=10) if sample else []
+        lexical_missing = sum(chunk_ids[i] not in {h.chunk_id for h in hits} for i, hits in zip(sample, found))
         return {"chunks": len(chunk_ids), "documents": index.count_documents(), "wrong_top1": wrong,
+                "lexical_missing": lexical_missing,
                 "chunk_ids": chunk_ids, "texts": {p["chunk_id"]: p["text"] for p in payloads},
                 "vectors": {c: vectors[i] for i, c in enumerate(chunk_ids)}}
 
@@ -189,7 +197,7 @@ def compare(crashed: dict, clean: dict) -> dict:
     max_diff = max((float(np.abs(crashed["vectors"][c] - clean["vectors"][c]).max()) for c in a & b), default=0.0)
     return {"missing": len(b - a), "phantom": len(a - b), "duplicates": len(crashed["chunk_ids"]) - len(a),
             "text_mismatch": len(a & b) - same_text, "max_vector_diff": max_diff,
-            "wrong_top1": crashed["wrong_top1"]}
+            "wrong_top1": crashed["wrong_top1"], "lexical_missing": crashed["lexical_missing"]}
 
 
 def crash_test(workdir: Path, *, backend: str = "faiss", kills: int = 10, files: int = 40, changes: int = 10,
@@ -224,6 +232,8 @@ def crash_test(workdir: Path, *, backend: str = "faiss", kills: int = 10, files:
             state = snapshot(folder)
             if state["wrong_top1"]:
                 bad_opens.append(f"round {rounds}: {state['wrong_top1']} chunks not top-1 for their own vector")
+            if state["lexical_missing"]:
+                bad_opens.append(f"round {rounds}: {state['lexical_missing']} chunks not found by BM25 for their text")
         except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
             bad_opens.append(f"round {rounds}: {type(exc).__name__}: {exc}")
         log(f"kill {done}/{kills} at {outcome['delay_s']}s ({outcome['phase']})")
@@ -241,7 +251,7 @@ def crash_test(workdir: Path, *, backend: str = "faiss", kills: int = 10, files:
     }
     v = result["vs_clean_build"]
     result["ok"] = not bad_opens and v["missing"] == v["phantom"] == v["duplicates"] == v["text_mismatch"] == \
-        v["wrong_top1"] == 0 and v["max_vector_diff"] < 1e-4
+        v["wrong_top1"] == v["lexical_missing"] == 0 and v["max_vector_diff"] < 1e-4
     return result
 
 

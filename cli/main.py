@@ -102,21 +102,24 @@ def search_cmd(
     query_mode: Optional[str] = typer.Option(None, "--query-mode",
                                              help="hybrid (BM25 + teacher + generative, RRF), bm25, generative, teacher or fused (default: the index's)."),
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
+    signals: Optional[str] = typer.Option(None, "--signals",
+                                          help="Hybrid mode: RRF weight per signal, e.g. bm25=1,teacher=1 (default: bm25=1,teacher=1,fused=1)."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
     device: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
 ):
     """Search an index (read-only: safe while rkit index writes it)."""
     from retrieval_kit.errors import InputError
-    from retrieval_kit.search import SEARCH_MODES, Retriever
+    from retrieval_kit.search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever
 
     quiet_libraries()
     _top_k(k)
     if query_mode is not None and query_mode not in SEARCH_MODES:
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
+    hybrid = HybridRecipe.parse(signals) if signals is not None else DEFAULT_HYBRID  # checked before models load
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
-                                   explain=explain, explain_tokens=explain_tokens)
+                                   explain=explain, explain_tokens=explain_tokens, hybrid=hybrid)
         info = retriever.encoder.describe()
     if as_json:
         print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})

@@ -49,7 +49,26 @@ class HybridRecipe:
         unknown = [name for name in weights if name not in SEARCH_MODES[1:]]
         if unknown:
             raise InputError(f"unknown hybrid signal {', '.join(unknown)} (use bm25, {', '.join(QUERY_MODES)})")
+        if any(not w >= 0 for w in weights.values()):
+            raise InputError(f"hybrid signal weights must be 0 or more, got {weights}")
         return cls(tuple((n, float(w)) for n, w in weights.items()), **kw)
+
+    @classmethod
+    def parse(cls, spec: str) -> "HybridRecipe":
+        """'bm25=1,teacher=1' (a name alone weighs 1) → a recipe; InputError naming what is wrong."""
+        weights: dict[str, float] = {}
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            name, _, value = part.partition("=")
+            try:
+                weights[name.strip()] = float(value) if value.strip() else 1.0
+            except ValueError:
+                raise InputError(f"bad signal weight '{part}' (use e.g. bm25=1,teacher=0.5)") from None
+        recipe = cls.of(weights)  # names and signs checked first
+        if not any(w > 0 for w in weights.values()):
+            raise InputError(f"--signals '{spec}' names no signal with a weight above 0")
+        return recipe
 
     def describe(self) -> str:
         return " + ".join(f"{w:g}·{n}" for n, w in self.weights if w > 0) + f" (RRF k={self.rrf_k})"

@@ -17,6 +17,7 @@ def test_index_survives_kill_9_and_equals_a_clean_build(tmp_path, backend):
     assert result["kills"] == 5 and sum(result["kill_phases"].values()) == 5
     assert result["bad_opens"] == []  # after every kill the index opened and every chunk was its own top-1
     v = result["vs_clean_build"]
-    assert (v["missing"], v["phantom"], v["duplicates"], v["text_mismatch"], v["wrong_top1"]) == (0, 0, 0, 0, 0), v
+    assert (v["missing"], v["phantom"], v["duplicates"], v["text_mismatch"], v["wrong_top1"],
+            v["lexical_missing"]) == (0, 0, 0, 0, 0, 0), v
     assert v["max_vector_diff"] < 1e-4 and result["chunks"] > 24
     assert result["ok"]

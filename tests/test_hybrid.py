@@ -168,7 +168,7 @@ def test_hybrid_needs_a_signal_and_matching_query_counts(tmp_path):
         index.upsert_documents([("a", "h", "a.md", _chunk("a", "delta"), _unit(rng, 1))])
         with pytest.raises(InputError, match="at least one signal"):
             index.search_hybrid([Signal("bm25", 0.0, texts=["delta"])])
-        with pytest.raises(InputError, match="same, non-zero number"):
+        with pytest.raises(InputError, match="same number of queries"):
             index.search_hybrid([Signal("bm25", 1.0, texts=["delta", "x"]), Signal("t", 1.0, vectors=_unit(rng, 1))])
 
 
@@ -186,3 +186,12 @@ def test_cli_bm25_mode_json_and_bad_mode(planted, monkeypatch, tmp_path):
     r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), "--query-mode", "sparse"])
     assert r.exit_code != 0 and "unknown --query-mode 'sparse'" in r.output
     assert "Traceback" not in r.output
+    for bad, said in (("bm25=1,teacher=x", "bad signal weight 'teacher=x'"), ("colbert=1", "unknown hybrid signal colbert"),
+                      ("bm25=-1", "must be 0 or more"), ("bm25=0", "no signal with a weight above 0")):
+        r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), "--signals", bad])
+        assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (bad, r.output)
+    r = CliRunner().invoke(app, ["search", "ERR-7731Q deploy", "--index", str(planted["faiss"]), "--signals",
+                                 "bm25,teacher=1", "--json"])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)["results"][0]["hits"]
+    assert hits[0]["doc_id"] == "errors.md" and set().union(*(h["signals"] for h in hits)) <= {"bm25", "teacher"}

@@ -35,6 +35,7 @@ import re
 import shutil
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -280,19 +281,9 @@ class Index:
         return self.store.count_chunks()
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Top-k hits per query (one list per row of ``queries``; a 1-D query gives one list)."""
-        queries = self._check_vectors(queries, "query vectors", ndim_one_ok=True)
-        if int(k) < 1:
-            raise InputError(f"{self.label}: k must be at least 1, got {k}")
-        self._check_open()
-        self._ensure_synced()
-        asked = int(k) + (SERVER_OVERFETCH if self._filter else 0)
-        scores, rows = self.backend.search(queries, asked)
-        chunks = self.store.fetch(rows[rows >= 0])  # rows outside this snapshot are simply not found
-        return [
-            [_hit(chunks[r], s) for s, r in zip(score_row, row_row) if r in chunks][: int(k)]
-            for score_row, row_row in zip(scores, rows.tolist())
-        ]
+        """Top-k hits per query vector (one list per row of ``queries``; a 1-D query gives one list)."""
+        vectors = self._check_vectors(queries, "query vectors", ndim_one_ok=True)
+        return self.search_hybrid([Signal("dense", 1.0, vectors=vectors)], k=k)
 
     def search_lexical(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
         """Top-k chunks per query text by BM25 alone."""
@@ -308,49 +299,49 @@ class Index:
         """
         signals = [s for s in signals if s.weight > 0]
         if not signals:
-            raise InputError(f"{self.label}: a hybrid search needs at least one signal with a weight above 0")
-        nq = {len(s.texts) if s.lexical else len(self._check_vectors(s.vectors, "query vectors")) for s in signals}
-        if len(nq) != 1 or not nq.pop():
-            raise InputError(f"{self.label}: every signal needs the same, non-zero number of queries")
+            raise InputError(f"{self.label}: a search needs at least one signal with a weight above 0")
+        signals = [s if s.lexical else replace(s, vectors=self._check_vectors(s.vectors, "query vectors"))
+                   for s in signals]
+        if len({len(s.texts) if s.lexical else len(s.vectors) for s in signals}) != 1:
+            raise InputError(f"{self.label}: every signal needs the same number of queries")
         if int(k) < 1:
             raise InputError(f"{self.label}: k must be at least 1, got {k}")
         self._check_open()
         self._ensure_synced()
-        k = int(k)
-        asked = k + (SERVER_OVERFETCH if self._filter else 0)
+        asked = int(k) + (SERVER_OVERFETCH if self._filter else 0)
         depth = max(int(depth), asked)
-        if isinstance(self.backend, QdrantBackend):
-            if not self.backend.lexical and any(s.lexical for s in signals):
-                raise IndexError_(f"{self.label}: its Qdrant collection was made before rkit kept a lexical side "
-                                  f"(BM25); {_way_out(self.folder)}")
-            if len(signals) == 1:
-                s = signals[0]
-                scores, rows = (self.backend.search_lexical(s.texts, asked) if s.lexical
-                                else self.backend.search(self._check_vectors(s.vectors, "query vectors"), asked))
-                lists = [rows]
-            else:
-                scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k)
+        qdrant = isinstance(self.backend, QdrantBackend)
+        if qdrant and not self.backend.lexical and any(s.lexical for s in signals):
+            raise IndexError_(f"{self.label}: its Qdrant collection was made before rkit kept a lexical side "
+                              f"(BM25); {_way_out(self.folder)}")
+        if len(signals) == 1:
+            scores, rows = self._search_one(signals[0], asked)
+            lists = [rows]
+        elif qdrant:  # fused on the server, one Query API request per query
+            scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k)
         else:
-            lists = []
-            for s in signals:
-                if s.lexical:
-                    part_scores, part_rows = self._lexical().search(query_terms(s.texts), depth)
-                else:
-                    part_scores, part_rows = self.backend.search(self._check_vectors(s.vectors, "query vectors"), depth)
-                lists.append(part_rows)
-            if len(signals) == 1:
-                scores, rows = part_scores[:, :asked], part_rows[:, :asked]
-            else:
-                scores, rows = _fuse(lists, [s.weight for s in signals], asked, rrf_k)
+            lists = [self._search_one(s, depth)[1] for s in signals]
+            scores, rows = _fuse(lists, [s.weight for s in signals], asked, rrf_k)
+        return self._hits(signals, scores, rows, lists, int(k))
+
+    def _search_one(self, signal: Signal, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not signal.lexical:
+            return self.backend.search(signal.vectors, k)
+        if isinstance(self.backend, QdrantBackend):
+            return self.backend.search_lexical(signal.texts, k)
+        return self._lexical().search(query_terms(signal.texts), k)
+
+    def _hits(self, signals: list[Signal], scores: np.ndarray, rows: np.ndarray, lists: list[np.ndarray],
+              k: int) -> list[list[Hit]]:
         chunks = self.store.fetch(rows[rows >= 0])  # rows outside this snapshot are simply not found
         out = []
         for i, (score_row, row_row) in enumerate(zip(scores, rows.tolist())):
             ranks = [{int(r): pos + 1 for pos, r in enumerate(part[i].tolist()) if r >= 0} for part in lists]
             hits = []
-            for s, r in zip(score_row, row_row):
-                if r in chunks:
-                    hit = _hit(chunks[r], s)
-                    hit.signals = {sig.name: rank[r] for sig, rank in zip(signals, ranks) if r in rank}
+            for score, row in zip(score_row, row_row):
+                if row in chunks:
+                    hit = _hit(chunks[row], score)
+                    hit.signals = {sig.name: rank[row] for sig, rank in zip(signals, ranks) if row in rank}
                     hits.append(hit)
             out.append(hits[:k])
         return out
