@@ -4,8 +4,8 @@ An index remembers its encoder (adapter, fingerprints, modes). Opening it loads 
 ``adapter`` asked for), and one whose document space differs is refused, so a query is never compared with
 vectors from another embedding space. The index is opened read-only: searching never writes to it.
 
-Search modes: ``hybrid`` (the default: BM25 + teacher(query) + the generative embedding, fused by weighted RRF
-in the index, see ``HybridRecipe``), ``bm25`` (lexical alone), and the encoder's dense modes ``generative``,
+Search modes: ``hybrid`` (the default: BM25 + teacher(query) + the adapter's fused query vector, which carries
+the generative embedding, fused by weighted RRF in the index, see ``HybridRecipe``), ``bm25`` (lexical alone), and the encoder's dense modes ``generative``,
 ``teacher``, ``fused``. This is the one search path: the CLI, a server and ``rkit bench`` all call
 ``Retriever.search``.
 """
@@ -36,7 +36,7 @@ class HybridRecipe:
     The weights were chosen once by ``python -m benchmarks.tune_hybrid`` on pseudo-queries from the training
     pool (held out from the adapter's training) against the backbone's answers, never on CACM, AdvBench-IR
     or BRIGHT qrels; k=60 is the literature's constant. An untrained encoder (no adapter) drops the
-    generative signals: its student vector is noise.
+    generative signals (generative, fused): its student vector is noise.
     """
 
     # the winner of benchmarks/results/tune/hybrid-recipe.md (nDCG@10 0.961 vs teacher 0.951, BM25 0.921)

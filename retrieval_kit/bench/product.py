@@ -91,7 +91,8 @@ class ProductRunner(MethodRunner):
             return super().run(method)
         if method == "naive-rrf":
             hybrid = HybridRecipe.of(NAIVE_RRF)
-        self.computed = True
+        # a mode search encodes its queries afresh; a vector method's inputs may all come from the cache
+        self.computed = method not in VECTOR_METHODS
         retriever = self.retriever()
         k = self.cfg.top_k
         if method in VECTOR_METHODS:

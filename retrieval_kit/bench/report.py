@@ -16,7 +16,8 @@ def prompt_tag(prompt: str) -> str:
 
 
 def result_stem(results: dict) -> str:
-    """`<date>-<dataset>-doc-<doc encoder>-<adapter>[-<methods>][-limitN]`: reruns of one config overwrite."""
+    """`<date>-<dataset>-doc-<doc encoder>-<adapter>[-<methods>][-matrix|-<backend>][-limitN]`: reruns of one
+    config overwrite."""
     cfg = results["config"]
     adapter = "default" if cfg.get("adapter") in (None, "default") else Path(str(cfg["adapter"])).name
     parts = [results["date"][:10], results["label"], f"doc-{cfg['doc_encoder']}", f"adapter-{adapter}"]
@@ -24,6 +25,10 @@ def result_stem(results: dict) -> str:
         parts.append("+".join(results["methods"]))
     if cfg.get("hyde_system_prompt"):  # HyDE answered under another system prompt: another result
         parts.append(f"hydesys-{prompt_tag(cfg['hyde_system_prompt'])}")
+    if cfg.get("path") == "matrix":
+        parts.append("matrix")
+    elif cfg.get("backend") not in (None, "faiss"):
+        parts.append(cfg["backend"])
     if cfg.get("limit"):
         parts.append(f"limit{cfg['limit']}")
     return slug("-".join(parts), max_len=200)  # never cut: two configs must not share a file

@@ -63,6 +63,7 @@ BACKENDS = ("faiss", "qdrant")
 # every name rkit may create in an index folder: the only ones it ever removes
 OWN_FILES = (DOCS, DOCS + "-journal", DOCS + "-wal", DOCS + "-shm", FAISS_FILE, FAISS_FILE + ".tmp",
              MANIFEST, MANIFEST + ".tmp")
+AVGDL_DRIFT = 0.02  # relative drift of the BM25 average chunk length that makes a Qdrant writer rewrite its sparse values
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SERVER_OVERFETCH = 16  # extra hits asked of a Qdrant server a reader cannot repair, to fill k after filtering
 
@@ -201,6 +202,19 @@ class Index:
             self.save()
         else:
             self._stale = True  # rebuilt in memory from this reader's snapshot before the first search
+
+    def _reweight_bm25(self) -> None:
+        """Qdrant writer: when the true average chunk length has drifted more than AVGDL_DRIFT from the one the
+        sparse values were written with (a build's first batch often differs: CACM's first 256 chunks average
+        12 terms, the collection 35), rewrite them. So a fresh build scores exactly as bm25s does."""
+        if not isinstance(self.backend, QdrantBackend) or not self.backend.lexical:
+            return
+        recorded, true = self.backend.avgdl, self.store.average_terms()
+        if true is None or (recorded and abs(true - recorded) <= AVGDL_DRIFT * recorded):
+            return
+        with self._mutation():  # a new generation: readers rebuild their copies with the new figure
+            self.backend.reweight(self.store.iter_terms(), true)
+            self.store.set_meta("bm25_avgdl", repr(true))
 
     def _lexical(self) -> Bm25Side:
         """FAISS: the bm25s side of this state (rebuilt from the stored terms if it was saved from another)."""
@@ -468,6 +482,7 @@ class Index:
         """Writer: write the backend (atomically), then the manifest (file, and a copy inside docs.sqlite)."""
         self._check_writable()
         self._ensure_synced()
+        self._reweight_bm25()
         self.backend.save()
         if self._bm25 is not None:
             before = self._bm25.state

@@ -12,8 +12,8 @@ Pyserini/BRIGHT defaults). Both backends compute exactly this:
   the store (a writer killed between commit and save, a reader during a write).
 - Qdrant: a sparse vector ``bm25`` in the same collection, with Qdrant's IDF modifier (idf at query time
   from the collection) and the tf part as the stored value. Qdrant cannot apply length normalisation at query
-  time, so avgdl is the one recorded with the index when its first chunks were written (a fresh one-batch
-  build equals the FAISS side's BM25 exactly; after many changes the figure drifts a little, see README).
+  time, so avgdl is baked into the values; the writer rewrites them when the true average drifts by more than
+  2 % (Index.save), so a build scores exactly as bm25s does.
 """
 
 from __future__ import annotations

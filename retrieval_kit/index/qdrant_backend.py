@@ -173,6 +173,16 @@ class QdrantBackend:
             self.delete(np.setdiff1d(self.ids(), kept))
         self.needs_rebuild = False
 
+    def reweight(self, batches: Iterable[tuple[np.ndarray, list[list[str]]]], avgdl: float) -> None:
+        """Rewrite every point's sparse BM25 values for a new average chunk length (dense vectors untouched)."""
+        self.avgdl = avgdl
+        for rows, terms in batches:
+            for start in range(0, len(rows), BATCH):
+                points = [models.PointVectors(id=int(r), vector={SPARSE: models.SparseVector(
+                    indices=(sd := sparse_document(t, avgdl))[0], values=sd[1])})
+                    for r, t in zip(rows[start:start + BATCH], terms[start:start + BATCH])]
+                _retrying(self.client.update_vectors)(self.collection, points=points, wait=True)
+
     def ids(self) -> np.ndarray:
         """Every point id in the collection (paged scroll, no payloads or vectors)."""
         found, offset = [], None

@@ -224,6 +224,15 @@ class DocStore:
             yield (rows, vectors, [payload(c) for c in chunks],
                    [r[-1].split() if r[-1] is not None else analyse([chunk_text(c)])[0] for r, c in zip(recs, chunks)])
 
+    def average_terms(self) -> float | None:
+        """Mean number of BM25 terms per live chunk (None without the terms table or chunks); counted in SQL."""
+        if not self.has_terms:
+            return None
+        total, count = self.db.execute(
+            "SELECT sum(CASE WHEN terms = '' THEN 0 ELSE length(terms) - length(replace(terms, ' ', '')) + 1 END), "
+            "count(*) FROM terms").fetchone()
+        return float(total) / count if count else None
+
     def iter_terms(self, size: int = 4096, analysed: bool = True) -> Iterator[tuple[np.ndarray, list[list[str]]]]:
         """Every stored chunk's BM25 terms as (rows, terms) batches in row order: what a lexical rebuild eats.
         A store from before the lexical side (or ``analysed=False``) has its chunk texts analysed instead."""
