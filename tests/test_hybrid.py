@@ -216,3 +216,16 @@ def test_qdrant_bm25_equals_bm25s_after_a_build_in_skewed_batches(tmp_path):
                                for hits in reader.search_lexical(["w1 w2", "w7", "w3 w30 w31"], k=60)]
     assert scores["faiss"] == scores["qdrant"]
     assert len(scores["faiss"][0]) > 20
+
+
+def test_info_shows_the_lexical_side(planted):
+    from rkit_cli.main import app
+
+    for backend, engine in (("faiss", "bm25s"), ("qdrant", "qdrant sparse")):
+        r = CliRunner().invoke(app, ["info", str(planted[backend]), "--json"])
+        assert r.exit_code == 0, r.output
+        info = json.loads(r.stdout)
+        assert info["lexical"]["engine"].startswith(engine)
+        assert info["lexical"]["chunks"] == info["counts"]["chunks"] == len(DOCS)
+        table = CliRunner().invoke(app, ["info", str(planted[backend])]).stdout
+        assert f"BM25 ({engine}" in table

@@ -111,3 +111,62 @@ def test_reader_of_a_half_updated_collection_drops_points_outside_its_snapshot(t
     with Index.open(tmp_path / "kb", writable=True) as writer:  # the next writer repairs by diff
         assert writer.backend.count() == 9
     assert np.isfinite(stray).all()
+
+
+def _signals(text: str, vector: np.ndarray):
+    from retrieval_kit.index.base import Signal
+
+    return [Signal("bm25", 1.0, texts=[text]), Signal("teacher", 1.0, vectors=vector[None, :])]
+
+
+def _tie_free_corpus() -> list[tuple]:
+    """Chunks whose BM25 scores for 'alpha beta' all differ (the engines order tied scores each their own way)."""
+    items = corpus(4)
+    for n, (_, _, _, chunks, _) in enumerate(items):
+        for i, chunk in enumerate(chunks):
+            j = 3 * n + i
+            chunk["text"] = " ".join(["alpha"] * (j % 4 + 1) + ["beta"] * (j // 4) + [f"filler{k}" for k in range(j)])
+    return items
+
+
+def test_hybrid_on_a_server_fuses_in_the_query_api_like_faiss(tmp_path, server):
+    items = _tie_free_corpus()
+    with Index.create(tmp_path / "local", dim=DIM, encoder=ENCODER) as faiss_index:
+        faiss_index.upsert_documents(items)
+    with make(tmp_path) as index:
+        index.upsert_documents(items)
+    probe = items[3][4][0]
+    with Index.open(tmp_path / "kb") as reader, Index.open(tmp_path / "local") as local:
+        server.calls.clear()
+        remote = reader.search_hybrid(_signals("alpha beta", probe), k=6)[0]
+        assert server.calls == ["query_batch_points", "query_batch_points"]  # fused request + each signal's list
+        expected = local.search_hybrid(_signals("alpha beta", probe), k=6)[0]
+    assert [(h.chunk_id, round(h.score, 6), h.signals) for h in remote] == \
+           [(h.chunk_id, round(h.score, 6), h.signals) for h in expected]
+    assert {"bm25", "teacher"} <= set().union(*(h.signals for h in remote))
+
+
+def test_hybrid_reader_drops_server_points_outside_its_snapshot(tmp_path, server):
+    with make(tmp_path) as index:
+        index.upsert_documents(corpus(3))
+    stray = unit(1, seed=43)
+    server.client.upsert("kb", points=qb.models.Batch(
+        ids=[998], vectors={"": stray.tolist(), "bm25": [qb.models.SparseVector(indices=[1, 2], values=[1.0, 1.0])]},
+        payloads=[{}]))
+    with Index.open(tmp_path / "kb") as reader:
+        hits = reader.search_hybrid(_signals("text of d0", stray[0]), k=4)[0]
+    assert len(hits) == 4 and all(h.chunk_id.startswith("d") for h in hits)
+
+
+def test_server_collection_from_before_the_lexical_side_says_rebuild(tmp_path, server):
+    from retrieval_kit.errors import IndexError_
+
+    with make(tmp_path) as index:
+        index.upsert_documents(corpus(2))
+    server.client.delete_collection("kb")  # stand in for a collection made by an older rkit: dense only
+    server.client.create_collection("kb", vectors_config=qb.models.VectorParams(size=DIM, distance=qb.models.Distance.DOT))
+    with Index.open(tmp_path / "kb", writable=True) as writer:  # repairs the points by diff; cannot add the sparse side
+        assert writer.backend.count() == 6
+        with pytest.raises(IndexError_, match="before rkit kept a lexical side.*--rebuild"):
+            writer.search_lexical(["text"])
+        assert writer.search(unit(6)[1], k=1)[0][0].chunk_id == "d0#1"
