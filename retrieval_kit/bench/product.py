@@ -27,7 +27,7 @@ from ..errors import BenchError
 from .cache import slug
 from .methods import MethodRunner
 from .metrics import Run
-from .progress import note, stage
+from .progress import counter, note, stage
 
 MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid",
          "naive-rrf": "hybrid"}
@@ -59,9 +59,8 @@ class ProductRunner(MethodRunner):
             self._write_corpus(corpus)
             folder = self.home / f"index-{self.backend}-{self.cfg.doc_encoder}"
             settings = IndexSettings(backend=self.backend, doc_mode=self.cfg.doc_encoder)
-            with stage(f"indexing {len(self.ds.corpus):,} documents with rkit index ({self.backend})", 1) as advance:
-                report = index_corpus(corpus, folder, self._encoder, "bench", settings)
-                advance(1)
+            with counter(f"rkit index: embedding the chunks of {len(self.ds.corpus):,} documents ({self.backend})") as show:
+                report = index_corpus(corpus, folder, self._encoder, "bench", settings, progress=show)
             self.index_report = {"backend": self.backend, "documents": report.total_documents,
                                  "chunks": report.total_chunks, "chunks_embedded": report.chunks_embedded,
                                  "wall_s": report.seconds}
@@ -84,7 +83,6 @@ class ProductRunner(MethodRunner):
 
     def run(self, method: str, hybrid=None) -> Run:
         from ..index.base import Signal
-
         from ..search import HybridRecipe
 
         if method == "naive-convex":

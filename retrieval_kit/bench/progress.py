@@ -43,12 +43,23 @@ def note(message: str) -> None:
         console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
 
 
+def _bar(description: str) -> Progress:
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                    disable=not ENABLED or not console.is_terminal)  # off a terminal a bar only prints blank lines
+
+
 @contextmanager
 def stage(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """`with stage("scoring", n) as advance: ... advance(batch)` — one transient bar per stage."""
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=console, transient=True,
-                   disable=not ENABLED or not console.is_terminal)  # off a terminal a bar only prints blank lines
-    with bar:
+    with _bar(description) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+@contextmanager
+def counter(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A bar fed `(done, total)` as the work reports it (the indexer's progress callback)."""
+    with _bar(description) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
