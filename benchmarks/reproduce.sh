@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the benchmark tables of benchmarks/README.md, one command each:
 #
-#   benchmarks/reproduce.sh cacm        # BEIR-format CACM, all five methods
-#   benchmarks/reproduce.sh advbench    # AdvBench-IR with the CACM distractors, all five methods
+#   benchmarks/reproduce.sh cacm        # BEIR-format CACM, every default method through the product path
+#   benchmarks/reproduce.sh advbench    # AdvBench-IR with the CACM distractors, every default method
 #   benchmarks/reproduce.sh bright DIR  # BRIGHT, 12 domains; DIR = local copy of HF xlangai/BRIGHT (omit when online)
 #   benchmarks/reproduce.sh mteb        # the offline local CACM task through mteb
 #   benchmarks/reproduce.sh all
