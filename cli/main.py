@@ -104,6 +104,7 @@ def search_cmd(
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
     signals: Optional[str] = typer.Option(None, "--signals",
                                           help="Hybrid mode: RRF weight per signal, e.g. bm25=1,teacher=1 (default: bm25=1,teacher=1,fused=1)."),
+    fusion: str = typer.Option("rrf", "--fusion", help="Hybrid mode: rrf (rank fusion, default) or dbsf (Qdrant's score fusion, equal weights)."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
     device: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
@@ -116,7 +117,8 @@ def search_cmd(
     _top_k(k)
     if query_mode is not None and query_mode not in SEARCH_MODES:
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
-    hybrid = HybridRecipe.parse(signals) if signals is not None else DEFAULT_HYBRID  # checked before models load
+    # checked before any model loads
+    hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion)
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens, hybrid=hybrid)

@@ -20,7 +20,7 @@ from .errors import IndexError_, InputError
 from .index import Hit, Index
 from .index.base import Signal
 from .index.core import check_name
-from .index.fusion import RRF_K
+from .index.fusion import FUSIONS, RRF_K
 from .models import QUERY_MODES, GenerativeEncoder, load_encoder
 from .paths import DEFAULT_ADAPTER, index_home
 
@@ -43,6 +43,7 @@ class HybridRecipe:
     weights: tuple[tuple[str, float], ...] = (("bm25", 1.0), ("teacher", 1.0), ("fused", 1.0))
     rrf_k: int = RRF_K
     depth: int = 100
+    fusion: str = "rrf"  # or "dbsf" (Qdrant's score fusion; equal weights only): an option, not a tuned default
 
     @classmethod
     def of(cls, weights: dict[str, float], **kw) -> "HybridRecipe":
@@ -54,7 +55,7 @@ class HybridRecipe:
         return cls(tuple((n, float(w)) for n, w in weights.items()), **kw)
 
     @classmethod
-    def parse(cls, spec: str) -> "HybridRecipe":
+    def parse(cls, spec: str, fusion: str = "rrf") -> "HybridRecipe":
         """'bm25=1,teacher=1' (a name alone weighs 1) → a recipe; InputError naming what is wrong."""
         weights: dict[str, float] = {}
         for part in (p.strip() for p in spec.split(",")):
@@ -65,13 +66,22 @@ class HybridRecipe:
                 weights[name.strip()] = float(value) if value.strip() else 1.0
             except ValueError:
                 raise InputError(f"bad signal weight '{part}' (use e.g. bm25=1,teacher=0.5)") from None
-        recipe = cls.of(weights)  # names and signs checked first
+        if fusion not in FUSIONS:
+            raise InputError(f"unknown --fusion '{fusion}' (use {' or '.join(FUSIONS)})")
+        if fusion == "dbsf" and len({w for w in weights.values() if w > 0}) > 1:
+            raise InputError("--fusion dbsf fuses scores and takes no weights: give every signal the same weight")
+        recipe = cls.of(weights, fusion=fusion)  # names and signs checked first
         if not any(w > 0 for w in weights.values()):
             raise InputError(f"--signals '{spec}' names no signal with a weight above 0")
         return recipe
 
+    def spec(self) -> str:
+        """The --signals text of this recipe."""
+        return ",".join(f"{n}={w:g}" for n, w in self.weights)
+
     def describe(self) -> str:
-        return " + ".join(f"{w:g}·{n}" for n, w in self.weights if w > 0) + f" (RRF k={self.rrf_k})"
+        how = f"RRF k={self.rrf_k}" if self.fusion == "rrf" else "DBSF"
+        return " + ".join(f"{w:g}·{n}" for n, w in self.weights if w > 0) + f" ({how})"
 
 
 DEFAULT_HYBRID = HybridRecipe()
@@ -195,7 +205,7 @@ class Retriever:
         t0 = time.perf_counter()
         signals = self.signals(queries, mode, weight, hybrid)
         t1 = time.perf_counter()
-        ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k)
+        ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k, fusion=hybrid.fusion)
         t2 = time.perf_counter()
         explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens) if explain else [None] * len(queries)
         t3 = time.perf_counter()

@@ -92,6 +92,33 @@ def test_rrf_matches_qdrant_client_fusion():
     assert [(int(p.id), pytest.approx(p.score)) for p in theirs] == [(i, pytest.approx(s)) for i, s in ours]
 
 
+def test_dbsf_matches_qdrant_client_fusion():
+    from qdrant_client.http import models
+    from qdrant_client.hybrid.fusion import distribution_based_score_fusion
+
+    from retrieval_kit.index.fusion import dbsf
+
+    rng = np.random.default_rng(6)
+    lists = [[(int(i), float(s)) for i, s in zip(rng.permutation(30)[:12], np.sort(rng.random(12))[::-1])]
+             for _ in range(3)] + [[(7, 0.3)]]  # a one-point list scores 0.5 in both
+    responses = [[models.ScoredPoint(id=i, version=0, score=s) for i, s in part] for part in lists]
+    theirs = distribution_based_score_fusion(responses, limit=10)
+    assert [(int(p.id), pytest.approx(p.score)) for p in theirs] == [(i, pytest.approx(s)) for i, s in dbsf(lists, 10)]
+
+
+def test_dbsf_fusion_same_on_faiss_and_qdrant(planted, encoder):
+    from retrieval_kit.search import HybridRecipe
+
+    recipe = HybridRecipe.parse("bm25,teacher", fusion="dbsf")
+    tops = {}
+    for backend, folder in planted.items():
+        with Retriever.attach(folder, encoder) as r:
+            res = r.search(["what does ERR-7731Q mean", "when do felines nap"], k=4, hybrid=recipe)
+            tops[backend] = [[(h.chunk_id, round(h.score, 5)) for h in x.hits] for x in res]
+    assert tops["faiss"] == tops["qdrant"]
+    assert tops["faiss"][0][0][0] == "errors.md#0" and tops["faiss"][1][0][0] == "feline.md#0"
+
+
 def _chunk(doc_id, text):
     return [{"chunk_id": f"{doc_id}#0", "text": text}]
 
@@ -190,6 +217,10 @@ def test_cli_bm25_mode_json_and_bad_mode(planted, monkeypatch, tmp_path):
                       ("bm25=-1", "must be 0 or more"), ("bm25=0", "no signal with a weight above 0")):
         r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), "--signals", bad])
         assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (bad, r.output)
+    for args, said in ((["--fusion", "mean"], "unknown --fusion 'mean'"),
+                       (["--fusion", "dbsf", "--signals", "bm25=1,teacher=2"], "takes no weights")):
+        r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), *args])
+        assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (args, r.output)
     r = CliRunner().invoke(app, ["search", "ERR-7731Q deploy", "--index", str(planted["faiss"]), "--signals",
                                  "bm25,teacher=1", "--json"])
     assert r.exit_code == 0, r.output

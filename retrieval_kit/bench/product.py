@@ -14,6 +14,7 @@ scores as its best chunk (max-pooling), so every figure is what a user gets. The
     default     the index's default query mode (what `rkit search` uses without --query-mode)
     hyde, hydeq, anchor   their query vectors (methods.py) as one dense signal on the same index
     naive-rrf   plain RRF of bm25 and teacher (k=60, equal weights) on the same index: the naive hybrid
+    hybrid-dbsf the default signals fused by DBSF (Qdrant's score fusion) instead of RRF: an option, not the default
     naive-convex  (whole documents, methods.py: score-level fusion is not an index search mode)
 """
 
@@ -30,7 +31,7 @@ from .metrics import Run
 from .progress import counter, note, stage
 
 MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid",
-         "naive-rrf": "hybrid"}
+         "naive-rrf": "hybrid", "hybrid-dbsf": "hybrid"}
 NAIVE_RRF = {"bm25": 1.0, "teacher": 1.0}
 PRODUCT_METHODS = ("bm25", "teacher", "hyde", "rkit", "fused", "hybrid", "default")
 VECTOR_METHODS = ("hyde", "hydeq", "anchor")
@@ -89,6 +90,8 @@ class ProductRunner(MethodRunner):
             return super().run(method)
         if method == "naive-rrf":
             hybrid = HybridRecipe.of(NAIVE_RRF)
+        if method == "hybrid-dbsf":
+            hybrid = HybridRecipe(self.hybrid.weights, fusion="dbsf")
         # a mode search encodes its queries afresh; a vector method's inputs may all come from the cache
         self.computed = method not in VECTOR_METHODS
         retriever = self.retriever()

@@ -151,7 +151,7 @@ def run_benchmark(bench: str, datasets: Iterable[BenchDataset], methods: list[st
                   limit: int | None = None, explain: bool = False, explain_tokens: int = 64, adapter: str | None = None,
                   extra_config: dict | None = None, data_root=None) -> BenchOutcome:
     harm = bench == "advbench-ir"
-    index_only = [m for m in methods if m in ("hybrid", "default")]
+    index_only = [m for m in methods if m in ("hybrid", "default", "naive-rrf", "hybrid-dbsf")]
     if cfg.path == "matrix" and index_only:
         raise BenchError(f"{', '.join(index_only)} search a real index: use --path product, or drop them")
     metric_names = list(HARM_METRICS if harm else BEIR_METRICS)

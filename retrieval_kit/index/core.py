@@ -46,7 +46,7 @@ from ..errors import IndexError_, IndexMismatchError, InputError
 from .base import Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
-from .fusion import RRF_K, rrf
+from .fusion import FUSIONS, RRF_K, dbsf, rrf
 from .lexical import BM25_B, BM25_K1, LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
 from .lock import WriterLock
 from .qdrant_backend import DIRNAME as QDRANT_DIR
@@ -304,7 +304,7 @@ class Index:
         return self.search_hybrid([Signal("bm25", 1.0, texts=list(texts))], k=k)
 
     def search_hybrid(self, signals: Sequence[Signal], k: int = 10, depth: int = 100,
-                      rrf_k: int = RRF_K) -> list[list[Hit]]:
+                      rrf_k: int = RRF_K, fusion: str = "rrf") -> list[list[Hit]]:
         """Fuse several ranked lists per query (dense vectors and/or BM25) by weighted RRF (fusion.py).
 
         Each signal ranks its best ``depth`` chunks (at least k). FAISS fuses here; Qdrant on the server
@@ -320,6 +320,10 @@ class Index:
             raise InputError(f"{self.label}: every signal needs the same number of queries")
         if int(k) < 1:
             raise InputError(f"{self.label}: k must be at least 1, got {k}")
+        if fusion not in FUSIONS:
+            raise InputError(f"unknown fusion '{fusion}' (use {' or '.join(FUSIONS)})")
+        if fusion == "dbsf" and len({s.weight for s in signals}) > 1:
+            raise InputError("dbsf fuses scores and takes no weights: give every signal the same weight")
         self._check_open()
         self._ensure_synced()
         asked = int(k) + (SERVER_OVERFETCH if self._filter else 0)
@@ -332,10 +336,11 @@ class Index:
             scores, rows = self._search_one(signals[0], asked)
             lists = [rows]
         elif qdrant:  # fused on the server, one Query API request per query
-            scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k)
+            scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k, fusion)
         else:
-            lists = [self._search_one(s, depth)[1] for s in signals]
-            scores, rows = _fuse(lists, [s.weight for s in signals], asked, rrf_k)
+            parts = [self._search_one(s, depth) for s in signals]
+            scores, rows = _fuse(parts, [s.weight for s in signals], asked, rrf_k, fusion)
+            lists = [part_rows for _, part_rows in parts]
         return self._hits(signals, scores, rows, lists, int(k))
 
     def _search_one(self, signal: Signal, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -811,12 +816,15 @@ def _describe_encoder(enc: dict) -> str:
     return ", ".join(parts) or "no details recorded"
 
 
-def _fuse(lists: list[np.ndarray], weights: list[float], k: int, rrf_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, RRF of each signal's rows (-1 = none) into the k best: (scores, rows) like a backend's."""
-    nq = len(lists[0])
+def _fuse(parts: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: int, rrf_k: int,
+          fusion: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, RRF (or DBSF) of each signal's (scores, rows) (-1 = none) into the k best, like a backend's."""
+    nq = len(parts[0][1])
     scores, rows = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
     for i in range(nq):
-        fused = rrf([part[i][part[i] >= 0].tolist() for part in lists], weights, rrf_k, limit=k)
+        found = [(s[i][r[i] >= 0], r[i][r[i] >= 0]) for s, r in parts]
+        fused = (rrf([r.tolist() for _, r in found], weights, rrf_k, limit=k) if fusion == "rrf" else
+                 dbsf([list(zip(r.tolist(), s.astype(float).tolist())) for s, r in found], limit=k))
         for j, (row, score) in enumerate(fused):
             scores[i, j], rows[i, j] = score, row
     return scores, rows

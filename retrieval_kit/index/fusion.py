@@ -5,6 +5,9 @@ score(d) = Σ_signals 1 / ((pos + 1)/w + k − 1), pos the 0-based rank of d in 
 the textbook 1/(k + rank)). A Qdrant index fuses on the server; a FAISS index calls ``rrf`` here with the same
 formula and the same tie order (first seen, signals in order), so both give the same fused top-k on the
 same data. k = 60 is Cormack et al.'s constant (SIGIR 2009), used unchanged.
+
+``dbsf`` is Qdrant's other fusion, Distribution-Based Score Fusion: each list's scores are scaled by its own
+mean ± 3 standard deviations (sample variance), then summed; it fuses scores, not ranks, and takes no weights.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 RRF_K = 60
+FUSIONS = ("rrf", "dbsf")
 
 
 def rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = RRF_K,
@@ -27,3 +31,19 @@ def rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = RR
             scores[item] = scores.get(item, 0.0) + 1.0 / ((pos + 1.0) / weight + k - 1.0)
     fused = sorted(scores.items(), key=lambda pair: -pair[1])  # stable: ties keep first-seen order
     return fused if limit is None else fused[:limit]
+
+
+def dbsf(lists: Sequence[Sequence[tuple[int, float]]], limit: int | None = None) -> list[tuple[int, float]]:
+    """(id, fused score) best first, from each signal's (id, score) pairs best first (Qdrant's DBSF)."""
+    fused: dict[int, float] = {}
+    for pairs in lists:
+        if not pairs:
+            continue
+        scores = [s for _, s in pairs]
+        mean = sum(scores) / len(scores)
+        var = sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) if len(scores) > 1 else 0.0
+        low, span = mean - 3 * var ** 0.5, 6 * var ** 0.5
+        for item, score in pairs:
+            fused[item] = fused.get(item, 0.0) + ((score - low) / span if span > 0 else 0.5)
+    ranked = sorted(fused.items(), key=lambda pair: -pair[1])
+    return ranked if limit is None else ranked[:limit]

@@ -205,7 +205,7 @@ class QdrantBackend:
         return self._run([models.QueryRequest(query=self._sparse_query(t), using=SPARSE, limit=k)
                           for t in query_terms(texts)], k)
 
-    def hybrid(self, signals: list[Signal], k: int, depth: int, rrf_k: int):
+    def hybrid(self, signals: list[Signal], k: int, depth: int, rrf_k: int, fusion: str = "rrf"):
         """One batch request: per query the fused Query API search (a prefetch per signal, weighted RRF on the
         server), then each signal's own list (to say which signals found a hit).
         Returns (fused scores, fused rows, [rows per signal])."""
@@ -218,7 +218,8 @@ class QdrantBackend:
             return {"query": np.asarray(s.vectors[i], np.float32).tolist(), "limit": limit}
 
         fused = [models.QueryRequest(prefetch=[models.Prefetch(**single(s, i, depth)) for s in signals],
-                                     query=models.RrfQuery(rrf=models.Rrf(k=rrf_k, weights=[s.weight for s in signals])),
+                                     query=(models.RrfQuery(rrf=models.Rrf(k=rrf_k, weights=[s.weight for s in signals]))
+                                            if fusion == "rrf" else models.FusionQuery(fusion=models.Fusion.DBSF)),
                                      limit=k) for i in range(nq)]
         parts = [models.QueryRequest(**single(s, i, depth)) for s in signals for i in range(nq)]
         scores, rows = self._run(fused, k)
