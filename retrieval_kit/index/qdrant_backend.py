@@ -145,11 +145,9 @@ class QdrantBackend:
             self.avgdl = average_length(terms)
         for start in range(0, len(rows), BATCH):
             end = start + BATCH
-            sparse = [models.SparseVector(indices=i, values=v)
-                      for i, v in (sparse_document(t, self.avgdl) for t in terms[start:end])]
             vectors_part = {"": np.asarray(vectors[start:end], dtype=np.float32).tolist()}
             if self.lexical:
-                vectors_part[SPARSE] = sparse
+                vectors_part[SPARSE] = [self._sparse_document(t) for t in terms[start:end]]
             _retrying(self.client.upsert)(self.collection, wait=True, points=models.Batch(
                 ids=[int(r) for r in rows[start:end]], vectors=vectors_part, payloads=payloads[start:end],
             ))
@@ -178,9 +176,8 @@ class QdrantBackend:
         self.avgdl = avgdl
         for rows, terms in batches:
             for start in range(0, len(rows), BATCH):
-                points = [models.PointVectors(id=int(r), vector={SPARSE: models.SparseVector(
-                    indices=(sd := sparse_document(t, avgdl))[0], values=sd[1])})
-                    for r, t in zip(rows[start:start + BATCH], terms[start:start + BATCH])]
+                points = [models.PointVectors(id=int(r), vector={SPARSE: self._sparse_document(t)})
+                          for r, t in zip(rows[start:start + BATCH], terms[start:start + BATCH])]
                 _retrying(self.client.update_vectors)(self.collection, points=points, wait=True)
 
     def ids(self) -> np.ndarray:
@@ -195,6 +192,10 @@ class QdrantBackend:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self._run([models.QueryRequest(query=q.tolist(), limit=k) for q in np.asarray(queries, np.float32)], k)
+
+    def _sparse_document(self, terms: list[str]) -> models.SparseVector:
+        indices, values = sparse_document(terms, self.avgdl)
+        return models.SparseVector(indices=indices, values=values)
 
     def _sparse_query(self, terms: list[str]) -> models.SparseVector:
         indices, values = sparse_query(terms)
