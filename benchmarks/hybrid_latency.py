@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     ds = bench_data.load_beir(args.folder)
     runner = ProductRunner(ds, MethodConfig(backend=args.backend), default_cache_root(),
-                           LazyEncoder(lambda: load_bench_encoder(None, None)), backend=args.backend)
+                           LazyEncoder(lambda: load_bench_encoder(None, None)))
     retriever = runner.retriever()
     queries = list(ds.queries.values())
     times = {m: {"total": [], "encode": [], "search": []} for m in MODES}

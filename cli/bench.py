@@ -17,6 +17,7 @@ from retrieval_kit.bench.cache import default_cache_root
 from retrieval_kit.bench.report import bright_table, summary_table, write_results
 from retrieval_kit.bench.runner import BenchOutcome, run_benchmark
 from retrieval_kit.errors import BenchError
+from retrieval_kit.index.core import BACKENDS
 
 from .common import console, guarded, print_json
 
@@ -66,8 +67,8 @@ def _config(doc_encoder: str, fuse_weight: float | None, hyde_tokens: int, batch
         raise BenchError(f"unknown --doc-encoder '{doc_encoder}' (use teacher or generative)")
     if path not in bench_methods.PATHS:
         raise BenchError(f"unknown --path '{path}' (use {' or '.join(bench_methods.PATHS)})")
-    if backend not in ("faiss", "qdrant"):
-        raise BenchError(f"unknown --backend '{backend}' (use faiss or qdrant)")
+    if backend not in BACKENDS:
+        raise BenchError(f"unknown --backend '{backend}' (use {' or '.join(BACKENDS)})")
     return bench_methods.MethodConfig(doc_encoder=doc_encoder, fuse_weight=fuse_weight,
                                       hyde_max_new_tokens=hyde_tokens, batch_size=batch_size, top_k=top_k,
                                       hyde_system_prompt=hyde_system_prompt, path=path, backend=backend)

@@ -66,7 +66,7 @@ class IndexReport:
         return asdict(self)
 
 
-def resolve_query_mode(mode: str | None, encoder: GenerativeEncoder) -> str:
+def resolve_query_mode(mode: str | None) -> str:
     """auto: hybrid (chosen by retrieval on tune data, see search.DEFAULT_MODE); it keeps only BM25 and teacher
     signals for the untrained stand-in."""
     return DEFAULT_MODE if mode in (None, "auto") else mode
@@ -80,7 +80,7 @@ def encoder_record(encoder: GenerativeEncoder, adapter: str, doc_mode: str, quer
         "doc_fingerprint": encoder.doc_fingerprint(doc_mode),
         "adapter": adapter,
         "doc_mode": doc_mode,
-        "query_mode": resolve_query_mode(query_mode, encoder),
+        "query_mode": resolve_query_mode(query_mode),
         "fuse_weight": encoder.config.fuse_weight if fuse_weight is None else fuse_weight,
     }
 

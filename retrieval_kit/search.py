@@ -47,7 +47,7 @@ class HybridRecipe:
 
     @classmethod
     def of(cls, weights: dict[str, float], **kw) -> "HybridRecipe":
-        unknown = [name for name in weights if name not in SEARCH_MODES[1:]]
+        unknown = [name for name in weights if name not in ("bm25",) + QUERY_MODES]
         if unknown:
             raise InputError(f"unknown hybrid signal {', '.join(unknown)} (use bm25, {', '.join(QUERY_MODES)})")
         if any(not w >= 0 for w in weights.values()):

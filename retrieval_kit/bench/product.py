@@ -33,19 +33,19 @@ from .progress import counter, note, stage
 MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid",
          "naive-rrf": "hybrid", "hybrid-dbsf": "hybrid"}
 NAIVE_RRF = {"bm25": 1.0, "teacher": 1.0}
-PRODUCT_METHODS = ("bm25", "teacher", "hyde", "rkit", "fused", "hybrid", "default")
 VECTOR_METHODS = ("hyde", "hydeq", "anchor")
+INDEX_ONLY = ("default",) + tuple(m for m, mode in MODES.items() if mode == "hybrid")  # no --path matrix twin
 QUERY_BATCH = 32
 
 
 class ProductRunner(MethodRunner):
     """MethodRunner whose rankings come from a real index and ``Retriever.search``."""
 
-    def __init__(self, ds, cfg, cache_root: Path, encoder, backend: str = "faiss", hybrid=None):
+    def __init__(self, ds, cfg, cache_root: Path, encoder):
         super().__init__(ds, cfg, cache_root, encoder)
         from ..search import DEFAULT_HYBRID
 
-        self.backend, self.hybrid = backend, hybrid or DEFAULT_HYBRID
+        self.backend, self.hybrid = cfg.backend, DEFAULT_HYBRID
         self.home = Path(cache_root) / "product" / f"{slug(ds.name)}-{ds.corpus_hash()}"
         self._retriever = None
         self.index_report: dict = {}
@@ -113,7 +113,8 @@ class ProductRunner(MethodRunner):
                     ranked += [r.hits for r in results]
                     advance(len(part))
         else:
-            raise BenchError(f"unknown method '{method}' on the product path (use {', '.join(PRODUCT_METHODS)})")
+            known = [*MODES, "default", *VECTOR_METHODS, "naive-convex"]
+            raise BenchError(f"unknown method '{method}' on the product path (use {', '.join(known)})")
         return {qid: pool(hits, self.ds.excluded.get(qid)) for qid, hits in zip(self.qids, ranked)}
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from ..errors import BenchError
 from ..machine import machine_info
 from .datasets import BenchDataset, load_published_bright
 from .methods import MethodConfig, MethodRunner, encoder_info
-from .product import ProductRunner
+from .product import INDEX_ONLY, ProductRunner
 from .metrics import ADV_KS, BEIR_METRICS, harm_metrics, harm_per_query, per_query, ranked
 from .progress import note
 
@@ -92,7 +92,7 @@ def run_dataset(ds: BenchDataset, methods: list[str], cfg: MethodConfig, encoder
     """All methods on one dataset; `explain_tokens` > 0 also decodes each query's embedding (that many tokens)."""
     note(f"{ds.name}: {len(ds.queries):,} queries, {len(ds.corpus):,} documents")
     if cfg.path == "product":
-        runner = ProductRunner(ds, cfg, cache_root, encoder, backend=cfg.backend)
+        runner = ProductRunner(ds, cfg, cache_root, encoder)
         runner.retriever()  # the index every method searches: built (or checked) once, timed apart
         doc_stats = {"path": "product", **runner.index_report}
     else:
@@ -153,7 +153,7 @@ def run_benchmark(bench: str, datasets: Iterable[BenchDataset], methods: list[st
                   limit: int | None = None, explain: bool = False, explain_tokens: int = 64, adapter: str | None = None,
                   extra_config: dict | None = None, data_root=None) -> BenchOutcome:
     harm = bench == "advbench-ir"
-    index_only = [m for m in methods if m in ("hybrid", "default", "naive-rrf", "hybrid-dbsf")]
+    index_only = [m for m in methods if m in INDEX_ONLY]
     if cfg.path == "matrix" and index_only:
         raise BenchError(f"{', '.join(index_only)} search a real index: use --path product, or drop them")
     metric_names = list(HARM_METRICS if harm else BEIR_METRICS)

@@ -43,10 +43,11 @@ def embed_text(chunk: Chunk) -> str:
 
     Token caps in `chunk_document` are measured on exactly this string.
     """
-    return _titled(chunk.title, chunk.text)
+    return titled(chunk.title, chunk.text)
 
 
-def _titled(title: str, text: str) -> str:
+def titled(title: str, text: str) -> str:
+    """A chunk's title line and text, the title once: what the dense encoder embeds and BM25 reads."""
     if title and not text.startswith(title):
         return f"{title}\n{text}"
     return text
@@ -139,7 +140,7 @@ def _token_windows(doc: Document, spans: list[tuple[int, int]], chunk_words: int
     first_token = [bisect_left(starts, a) for a, _ in spans] + [len(starts)]
     for attempt in range(1, budget + 1):
         windows = _greedy_windows(spans, first_token, starts, chunk_words, overlap, budget)
-        texts = [_titled(title, doc.text[a:b]) for a, b in windows]
+        texts = [titled(title, doc.text[a:b]) for a, b in windows]
         excess = max(_count(tokenizer, texts)) - max_tokens
         if excess <= 0:
             return title, windows

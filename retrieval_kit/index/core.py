@@ -91,7 +91,7 @@ class Index:
         self._changed = False  # something changed since open: bump manifest "updated" on save
         self._closed = False
         self._state = store.state()
-        self._bm25 = Bm25Side(self.folder).load() if manifest["backend"] == "faiss" else None
+        self._bm25: Bm25Side | None = None  # FAISS: the saved BM25 side, loaded on first use (dense searches skip it)
         self._set_avgdl()
 
     def _set_avgdl(self) -> None:
@@ -99,7 +99,8 @@ class Index:
         chunks; an index from before the lexical side takes its stored chunks' average)."""
         if isinstance(self.backend, QdrantBackend):
             stored = self.store.get_meta("bm25_avgdl")
-            self.backend.avgdl = (float(stored) if stored is not None
+            avgdl = float(stored) if stored is not None else self.store.average_terms()
+            self.backend.avgdl = (avgdl if avgdl is not None  # a store without the terms table: analyse its texts
                                   else average_length(t for _, terms in self.store.iter_terms() for t in terms))
 
     # -- creating and opening ---------------------------------------------------------------
@@ -216,12 +217,19 @@ class Index:
             self.backend.reweight(self.store.iter_terms(), true)
             self.store.set_meta("bm25_avgdl", repr(true))
 
+    def _saved_bm25(self) -> Bm25Side:
+        """FAISS: the BM25 side as saved in ``lexical/`` (loaded once)."""
+        if self._bm25 is None:
+            self._bm25 = Bm25Side(self.folder).load()
+        return self._bm25
+
     def _lexical(self) -> Bm25Side:
         """FAISS: the bm25s side of this state (rebuilt from the stored terms if it was saved from another)."""
+        side = self._saved_bm25()
         _, count, checksum = self._state if not self.writable else self.store.state()
-        if not self._bm25.matches(count, checksum):
-            self._bm25.rebuild(self.store.iter_terms(), count, checksum)
-        return self._bm25
+        if not side.matches(count, checksum):
+            side.rebuild(self.store.iter_terms(), count, checksum)
+        return side
 
     def refresh(self) -> bool:
         """Reader: move to the newest committed state if a writer changed the index. True when it moved."""
@@ -236,8 +244,7 @@ class Index:
         backend = _open_backend(self.folder, self.manifest, self.label, 10, reader=True)
         self.backend.close()
         self.backend, self._state, self._stale, self._filter = backend, state, False, False
-        if self._bm25 is not None:
-            self._bm25 = Bm25Side(self.folder).load()
+        self._bm25 = None  # the writer may have saved a newer one
         self._set_avgdl()
         self._check_backend()
         return True
@@ -382,7 +389,7 @@ class Index:
 
     def _lexical_info(self) -> dict:
         """What the BM25 side is and holds (``chunks`` equals the chunk count when it is in step)."""
-        if self._bm25 is not None:
+        if not isinstance(self.backend, QdrantBackend):
             side = self._lexical()
             return {"engine": "bm25s", "chunks": int(len(side.rows)), "k1": BM25_K1, "b": BM25_B}
         if not self.backend.lexical:
@@ -489,8 +496,8 @@ class Index:
         self._ensure_synced()
         self._reweight_bm25()
         self.backend.save()
-        if self._bm25 is not None:
-            before = self._bm25.state
+        if not isinstance(self.backend, QdrantBackend):
+            before = self._saved_bm25().state
             if self._lexical().state != before or not (self.folder / LEXICAL_DIR).is_dir():  # rebuilt: changed
                 self._bm25.save()
         self.manifest["counts"] = {"documents": self.count_documents(), "chunks": self.count_chunks()}

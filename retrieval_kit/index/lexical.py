@@ -28,6 +28,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..corpus.document import titled
+
 BM25_K1, BM25_B = 0.9, 0.4
 LEXICAL_DIR = "lexical"
 _STATE = "state.json"
@@ -51,9 +53,8 @@ def analyse(texts: Sequence[str]) -> list[list[str]]:
 
 
 def chunk_text(chunk: dict) -> str:
-    """What BM25 reads of a chunk: its title and its text (the title once, as the dense encoder reads it)."""
-    title, text = chunk.get("title") or "", chunk.get("text") or ""
-    return f"{title}\n{text}" if title and not text.startswith(title) else text
+    """What BM25 reads of a stored chunk: the same title + text the dense encoder embedded (corpus.titled)."""
+    return titled(chunk.get("title") or "", chunk.get("text") or "")
 
 
 def query_terms(queries: Sequence[str]) -> list[list[str]]:

@@ -112,7 +112,7 @@ class DocStore:
         if not self.has_terms:  # an index from before the lexical side: analyse its stored chunks once
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(_TERMS_TABLE)
-            for rows, terms in self.iter_terms(analysed=False):
+            for rows, terms in self.iter_terms():  # has_terms is still False: the texts are analysed
                 self._insert_terms(rows, terms)
             self.db.execute("COMMIT")
             self.has_terms = True
@@ -221,8 +221,11 @@ class DocStore:
             rows = np.array([r[0] for r in recs], dtype=np.int64)
             vectors = np.stack([np.frombuffer(r[-2], dtype="<f4") for r in recs]).astype(np.float32)
             chunks = [_chunk_dict(r[:-2]) for r in recs]
+            stored = [r[-1] for r in recs]
+            missing = [i for i, t in enumerate(stored) if t is None]  # a store from before the lexical side
+            analysed = dict(zip(missing, analyse([chunk_text(chunks[i]) for i in missing])))
             yield (rows, vectors, [payload(c) for c in chunks],
-                   [r[-1].split() if r[-1] is not None else analyse([chunk_text(c)])[0] for r, c in zip(recs, chunks)])
+                   [t.split() if t is not None else analysed[i] for i, t in enumerate(stored)])
 
     def average_terms(self) -> float | None:
         """Mean number of BM25 terms per live chunk (None without the terms table or chunks); counted in SQL."""
@@ -233,10 +236,10 @@ class DocStore:
             "count(*) FROM terms").fetchone()
         return float(total) / count if count else None
 
-    def iter_terms(self, size: int = 4096, analysed: bool = True) -> Iterator[tuple[np.ndarray, list[list[str]]]]:
+    def iter_terms(self, size: int = 4096) -> Iterator[tuple[np.ndarray, list[list[str]]]]:
         """Every stored chunk's BM25 terms as (rows, terms) batches in row order: what a lexical rebuild eats.
-        A store from before the lexical side (or ``analysed=False``) has its chunk texts analysed instead."""
-        if self.has_terms and analysed:
+        A store from before the lexical side has its chunk texts analysed instead."""
+        if self.has_terms:
             cur = self.db.execute("SELECT row, terms FROM terms ORDER BY row")
             while recs := cur.fetchmany(size):
                 yield np.array([r[0] for r in recs], dtype=np.int64), [r[1].split() for r in recs]
