@@ -123,29 +123,24 @@ def search_cmd(
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens, hybrid=hybrid)
         info = retriever.encoder.describe()
-    if as_json:
-        print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})
-        return
-    for result in results:
-        _print_result(result, info)
+        if as_json:
+            print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})
+            return
+        for result in results:
+            _print_result(result, info, retriever.encoder)
 
 
-def _print_result(result, info: dict) -> None:
+def _print_result(result, info: dict, encoder) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    from retrieval_kit.search import snippet
+    from retrieval_kit.search import explanation, snippet
 
     state = "trained adapter" if info["trained"] else "UNTRAINED stand-in adapter"
     console.print(f"\n[bold]{result.query}[/]  [dim]query mode: {result.query_mode} · {state} {info['fingerprint']}[/]")
-    if result.explanation is not None:
-        note = "" if info["trained"] else " [dim](untrained adapter: expect noise)[/]"
-        rouge = info.get("explain_rouge_l")
-        if info["trained"] and rouge is not None and rouge < 0.2:  # say so rather than pass noise off as an answer
-            note = f" [dim](this adapter's decodes are not yet faithful: held-out ROUGE-L {rouge:.2f}, see its model card)[/]"
-        if result.query_mode != "generative":  # the decode reads the generative vector, not the one that searched
-            note += f" [dim](decoded from the generative embedding; this search used {result.query_mode} vectors)[/]"
-        text = " ".join(result.explanation.split()) or "∅"  # one paragraph: decoded text may be mostly newlines
-        console.print(f"[italic]explanation:[/] {text}{note}", highlight=False)
+    if result.explanation is not None:  # with the faithfulness note the server shows too (search.explanation)
+        told = explanation(encoder, result.explanation, result.query_mode)
+        console.print(f"[italic]explanation:[/] {told['text'] or '∅'} [dim]({escape(told['note'])})[/]", highlight=False)
     if not result.hits:
         console.print("no hits" + (" (no chunk shares a word with the query)" if result.query_mode == "bm25"
                                    else " (the index is empty)"))
@@ -237,9 +232,11 @@ def list_cmd(index_dir: Optional[Path] = typer.Option(None, "--index-dir", help=
 
 
 from .bench import bench_app  # noqa: E402
+from .serve import serve as serve_cmd  # noqa: E402
 from .train import train as train_cmd  # noqa: E402
 
 app.command("train")(train_cmd)
+app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb.")
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import IndexError_, InputError
-from .index import Hit, Index
+from .index import ChunkFilter, Hit, Index
 from .index.base import Signal
 from .index.core import check_name
 from .index.fusion import FUSIONS, RRF_K
@@ -25,6 +25,9 @@ from .models import QUERY_MODES, GenerativeEncoder, load_encoder
 from .paths import DEFAULT_ADAPTER, index_home
 
 SNIPPET_CHARS = 240
+# an explanation is shown as the adapter's answer only when its held-out decodes reach this ROUGE-L against the
+# backbone's real answers (model card); below it the decode is mostly noise and is said to be
+FAITHFUL_ROUGE_L = 0.2
 SEARCH_MODES = ("hybrid", "bm25") + QUERY_MODES
 DEFAULT_MODE = "hybrid"  # chosen on tune data, not on an evaluation set: see benchmarks/README.md "Choosing the default"
 
@@ -96,6 +99,7 @@ class SearchResult:
     timings: dict = field(default_factory=dict)
     query_encoder: str = ""  # fingerprint of the query encoder that made this search's vector
     explained_mode: str | None = None  # the explanation decodes the generative vector, whatever mode searched
+    generation: int | None = None  # the index state (snapshot) the hits come from
 
     def as_dict(self) -> dict:
         return {"query": self.query, "query_mode": self.query_mode, "query_encoder": self.query_encoder,
@@ -158,13 +162,18 @@ class Retriever:
 
     @classmethod
     def _checked(cls, index: Index, encoder: GenerativeEncoder) -> "Retriever":
+        retriever = cls(index, encoder)
         try:
-            index.check_document_space(encoder.doc_fingerprint(index.manifest["encoder"].get("doc_mode") or "teacher"),
-                                       encoder.config.embed_dim)
+            retriever.check_space()
         except BaseException:
             index.close()
             raise
-        return cls(index, encoder)
+        return retriever
+
+    def check_space(self) -> None:
+        """IndexMismatchError unless this encoder made the index's document vectors (again after a refresh)."""
+        doc_mode = self.index.manifest["encoder"].get("doc_mode") or "teacher"
+        self.index.check_document_space(self.encoder.doc_fingerprint(doc_mode), self.encoder.config.embed_dim)
 
     def close(self) -> None:
         self.index.close()
@@ -192,7 +201,7 @@ class Retriever:
 
     def search(self, queries: list[str], k: int = 10, query_mode: str | None = None, fuse_weight: float | None = None,
                explain: bool = False, explain_tokens: int = 64,
-               hybrid: HybridRecipe = DEFAULT_HYBRID) -> list[SearchResult]:
+               hybrid: HybridRecipe = DEFAULT_HYBRID, where: ChunkFilter | None = None) -> list[SearchResult]:
         if k < 1:
             raise InputError(f"-k must be at least 1, got {k}")
         queries = [q.strip() for q in queries]
@@ -205,14 +214,36 @@ class Retriever:
         t0 = time.perf_counter()
         signals = self.signals(queries, mode, weight, hybrid)
         t1 = time.perf_counter()
-        ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k, fusion=hybrid.fusion)
+        ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k, fusion=hybrid.fusion,
+                                          where=where)
         t2 = time.perf_counter()
         explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens) if explain else [None] * len(queries)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
         fingerprint = self.encoder.fingerprint if any(not s.lexical for s in signals) else ""
-        return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None)
+        return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None,
+                             self.index.generation)
                 for q, hits, e in zip(queries, ranked, explanations)]
+
+
+def explanation(encoder: GenerativeEncoder, text: str, query_mode: str = "generative") -> dict:
+    """A decoded query embedding with what a reader needs to trust it: shown only when the adapter's held-out
+    decodes are faithful (ROUGE-L ≥ FAITHFUL_ROUGE_L in its model card), else a note saying why not."""
+    info = encoder.describe()
+    rouge = info.get("explain_rouge_l")
+    text = " ".join(text.split())  # one paragraph: decoded text may be mostly newlines
+    if not info["trained"]:
+        shown, note = False, "untrained stand-in adapter: its decodes are noise"
+    elif rouge is None:
+        shown, note = False, "this adapter's model card has no held-out decode score, so its decodes are unverified"
+    elif rouge < FAITHFUL_ROUGE_L:
+        shown, note = False, (f"this adapter's decodes are not yet faithful: held-out ROUGE-L {rouge:.2f} against "
+                              f"the backbone's real answers (shown from {FAITHFUL_ROUGE_L:g}), see its model card")
+    else:
+        shown, note = True, f"held-out ROUGE-L {rouge:.2f} against the backbone's real answers"
+    if query_mode != "generative":  # the decode reads the generative vector, not the one that searched
+        note += f"; decoded from the generative embedding, the search used {query_mode}"
+    return {"text": text, "shown": shown, "note": note, "rouge_l": rouge, "decoded_from": "generative", "lens": None}
 
 
 def open_index_info(name_or_path: str | Path, index_dir: str | Path | None = None) -> dict:

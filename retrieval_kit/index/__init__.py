@@ -12,12 +12,13 @@ chunk ids and inner-product scores come out. See ``indexes/README.md`` for the f
         hits = index.search(query_vectors, k=10)
 """
 
-from .base import Hit, VectorBackend
+from .base import ChunkFilter, Hit, VectorBackend
 from .core import FORMAT_VERSION, DocumentUpdate, Index, list_indexes, read_manifest
 from .faiss_backend import FaissBackend
 from .qdrant_backend import QdrantBackend
 
 __all__ = [
+    "ChunkFilter",
     "FORMAT_VERSION",
     "DocumentUpdate",
     "FaissBackend",

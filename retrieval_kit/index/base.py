@@ -41,6 +41,18 @@ class Signal:
         return self.vectors is None
 
 
+@dataclass(frozen=True)
+class ChunkFilter:
+    """Which chunks a search may return (fields left None do not filter): the chunk's source starts with
+    ``source_prefix`` (a folder of the corpus, e.g. 'security/'), its file type is ``file_type`` ('md', 'pdf')."""
+
+    source_prefix: str | None = None
+    file_type: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.source_prefix or self.file_type)
+
+
 class VectorBackend(Protocol):
     """Vectors and integer row ids only; the doc store keeps everything else.
 
@@ -53,7 +65,8 @@ class VectorBackend(Protocol):
     def upsert(self, rows: np.ndarray, vectors: np.ndarray, payloads: list[dict] | None = None,
                terms: list[list[str]] | None = None) -> None: ...
     def delete(self, rows: np.ndarray) -> None: ...
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...  # rows -1 past the end
+    # rows -1 past the end; ``allowed``: only these rows may be returned (a ChunkFilter's rows), None = all
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
     def rebuild(self, batches: Iterable[Batch]) -> None: ...  # replace everything with these rows
     def ids(self) -> np.ndarray: ...  # every row id held: ``Index`` checksums them against the doc store
     def count(self) -> int: ...

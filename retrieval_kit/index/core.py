@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import IndexError_, IndexMismatchError, InputError
-from .base import Hit, Signal, VectorBackend, one_line
+from .base import ChunkFilter, Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
 from .fusion import FUSIONS, RRF_K, dbsf, rrf
@@ -311,12 +311,14 @@ class Index:
         return self.search_hybrid([Signal("bm25", 1.0, texts=list(texts))], k=k)
 
     def search_hybrid(self, signals: Sequence[Signal], k: int = 10, depth: int = 100,
-                      rrf_k: int = RRF_K, fusion: str = "rrf") -> list[list[Hit]]:
+                      rrf_k: int = RRF_K, fusion: str = "rrf", where: ChunkFilter | None = None) -> list[list[Hit]]:
         """Fuse several ranked lists per query (dense vectors and/or BM25) by weighted RRF (fusion.py).
 
         Each signal ranks its best ``depth`` chunks (at least k). FAISS fuses here; Qdrant on the server
         (Query API prefetch + RRF), with the same formula. A hit's ``signals`` gives its rank in each list
         that found it; with a single signal its score is that signal's own (cosine or BM25), else the fused one.
+        ``where`` keeps only matching chunks, inside each engine's search (FAISS IDSelector, a mask on the
+        BM25 scores, a Qdrant id filter), so a filtered search still returns k hits when k match.
         """
         signals = [s for s in signals if s.weight > 0]
         if not signals:
@@ -333,6 +335,10 @@ class Index:
             raise InputError("dbsf fuses scores and takes no weights: give every signal the same weight")
         self._check_open()
         self._ensure_synced()
+        nq = len(signals[0].texts) if signals[0].lexical else len(signals[0].vectors)
+        allowed = self.store.rows_where(where.source_prefix, where.file_type) if where else None
+        if allowed is not None and not len(allowed):
+            return [[] for _ in range(nq)]
         asked = int(k) + (SERVER_OVERFETCH if self._filter else 0)
         depth = max(int(depth), asked)
         qdrant = isinstance(self.backend, QdrantBackend)
@@ -340,22 +346,22 @@ class Index:
             raise IndexError_(f"{self.label}: its Qdrant collection was made before rkit kept a lexical side "
                               f"(BM25); {_way_out(self.folder)}")
         if len(signals) == 1:
-            scores, rows = self._search_one(signals[0], asked)
+            scores, rows = self._search_one(signals[0], asked, allowed)
             lists = [rows]
         elif qdrant:  # fused on the server, one Query API request per query
-            scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k, fusion)
+            scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k, fusion, allowed)
         else:
-            parts = [self._search_one(s, depth) for s in signals]
+            parts = [self._search_one(s, depth, allowed) for s in signals]
             scores, rows = _fuse(parts, [s.weight for s in signals], asked, rrf_k, fusion)
             lists = [part_rows for _, part_rows in parts]
         return self._hits(signals, scores, rows, lists, int(k))
 
-    def _search_one(self, signal: Signal, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_one(self, signal: Signal, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if not signal.lexical:
-            return self.backend.search(signal.vectors, k)
+            return self.backend.search(signal.vectors, k, allowed)
         if isinstance(self.backend, QdrantBackend):
-            return self.backend.search_lexical(signal.texts, k)
-        return self._lexical().search(query_terms(signal.texts), k)
+            return self.backend.search_lexical(signal.texts, k, allowed)
+        return self._lexical().search(query_terms(signal.texts), k, allowed)
 
     def _hits(self, signals: list[Signal], scores: np.ndarray, rows: np.ndarray, lists: list[np.ndarray],
               k: int) -> list[list[Hit]]:
@@ -371,6 +377,12 @@ class Index:
                     hits.append(hit)
             out.append(hits[:k])
         return out
+
+    def chunk(self, chunk_id: str) -> Hit | None:
+        """One stored chunk by id, as a hit without a score (None when this snapshot has none)."""
+        self._check_open()
+        found = self.store.chunk(chunk_id)
+        return _hit(found, float("nan")) if found else None
 
     def info(self) -> dict:
         """Manifest plus live counts and size on disk, for ``rkit info``.

@@ -55,6 +55,22 @@ def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if hasattr(index, "index") else index
 
 
+def _selecting(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParameters:
+    """Search parameters that admit only ``allowed`` row ids, keeping the index's own nprobe / efSearch
+    (IVF and HNSW refuse parameters of another type)."""
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+    inner = _inner(index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nprobe))
+    elif hasattr(inner, "hnsw"):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(inner.hnsw.efSearch))
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    params.keep = selector  # the swig object must outlive the search
+    return params
+
+
 def _min_training_rows(index: faiss.Index) -> int:
     """faiss refuses to train IVF on fewer vectors than lists, and PQ on fewer than its 2^nbits centroids."""
     inner = _inner(index)
@@ -137,12 +153,16 @@ class FaissBackend:
             index.add_with_ids(vectors, rows)
         self.index, self.needs_rebuild, self.standin, self._gpu = index, False, standin, None
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.index.ntotal
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        n = self.index.ntotal if allowed is None else min(self.index.ntotal, len(allowed))
         if n == 0 or not self.index.is_trained:
             return empty_result(len(queries), k)
         kk = min(k, n)  # GPU faiss caps k; asking for more than we hold is pointless anyway
-        scores, rows = self._search_index().search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        if allowed is None:
+            scores, rows = self._search_index().search(x, kk)
+        else:  # the filter inside the search (faiss IDSelector), not after it: a rare source still gets k hits
+            scores, rows = self.index.search(x, kk, params=_selecting(self.index, allowed))
         if kk < k:
             pad_scores, pad_rows = empty_result(len(queries), k - kk)
             scores, rows = np.hstack([scores, pad_scores]), np.hstack([rows, pad_rows])

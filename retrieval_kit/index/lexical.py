@@ -127,8 +127,9 @@ class Bm25Side:
             self.model.index(terms, show_progress=False)
         self.state = (int(count), int(checksum))
 
-    def search(self, terms: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows) per query, best first; rows -1 and scores -inf past what matched any term."""
+    def search(self, terms: list[list[str]], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) per query, best first; rows -1 and scores -inf past what matched any term.
+        ``allowed``: only these rows may be returned."""
         scores = np.full((len(terms), k), -np.inf, dtype=np.float32)
         rows = np.full((len(terms), k), -1, dtype=np.int64)
         if self.model is None:
@@ -139,6 +140,8 @@ class Bm25Side:
             if not known:
                 continue
             all_scores = np.asarray(self.model.get_scores(known), dtype=np.float32)
+            if allowed is not None:
+                all_scores[~np.isin(self.rows, allowed)] = 0
             hit = np.flatnonzero(all_scores > 0)
             # best first; ties by row (insertion order), so the ranking is the same on every run
             order = hit[np.lexsort((self.rows[hit], -all_scores[hit]))][:k]

@@ -76,6 +76,13 @@ def connect(*, folder: Path | None = None, url: str | None = None, label: str = 
         raise busy from None
 
 
+def _only(allowed: np.ndarray | None) -> models.Filter | None:
+    """A ChunkFilter's rows as a Qdrant filter (point ids are rows), applied inside the search."""
+    if allowed is None:
+        return None
+    return models.Filter(must=[models.HasIdCondition(has_id=[int(r) for r in allowed])])
+
+
 def _locked(lock_file: Path) -> bool:
     """Whether a Qdrant local-mode client (in any process) holds this folder's lock."""
     import portalocker  # a qdrant-client dependency; imported late as qdrant does (it probes the file system)
@@ -190,8 +197,10 @@ class QdrantBackend:
             if offset is None:
                 return np.asarray(sorted(found), dtype=np.int64)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._run([models.QueryRequest(query=q.tolist(), limit=k) for q in np.asarray(queries, np.float32)], k)
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        where = _only(allowed)
+        return self._run([models.QueryRequest(query=q.tolist(), limit=k, filter=where)
+                          for q in np.asarray(queries, np.float32)], k)
 
     def _sparse_document(self, terms: list[str]) -> models.SparseVector:
         indices, values = sparse_document(terms, self.avgdl)
@@ -201,22 +210,26 @@ class QdrantBackend:
         indices, values = sparse_query(terms)
         return models.SparseVector(indices=indices, values=values)
 
-    def search_lexical(self, texts, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_lexical(self, texts, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """BM25 (Qdrant's IDF modifier × the stored tf part), best first."""
-        return self._run([models.QueryRequest(query=self._sparse_query(t), using=SPARSE, limit=k)
+        where = _only(allowed)
+        return self._run([models.QueryRequest(query=self._sparse_query(t), using=SPARSE, limit=k, filter=where)
                           for t in query_terms(texts)], k)
 
-    def hybrid(self, signals: list[Signal], k: int, depth: int, rrf_k: int, fusion: str = "rrf"):
+    def hybrid(self, signals: list[Signal], k: int, depth: int, rrf_k: int, fusion: str = "rrf",
+               allowed: np.ndarray | None = None):
         """One batch request: per query the fused Query API search (a prefetch per signal, weighted RRF on the
         server), then each signal's own list (to say which signals found a hit).
         Returns (fused scores, fused rows, [rows per signal])."""
         nq = len(signals[0].texts if signals[0].lexical else signals[0].vectors)
         terms = {s.name: query_terms(s.texts) for s in signals if s.lexical}
 
+        where = _only(allowed)
+
         def single(s: Signal, i: int, limit: int) -> dict:
             if s.lexical:
-                return {"query": self._sparse_query(terms[s.name][i]), "using": SPARSE, "limit": limit}
-            return {"query": np.asarray(s.vectors[i], np.float32).tolist(), "limit": limit}
+                return {"query": self._sparse_query(terms[s.name][i]), "using": SPARSE, "limit": limit, "filter": where}
+            return {"query": np.asarray(s.vectors[i], np.float32).tolist(), "limit": limit, "filter": where}
 
         fused = [models.QueryRequest(prefetch=[models.Prefetch(**single(s, i, depth)) for s in signals],
                                      query=(models.RrfQuery(rrf=models.Rrf(k=rrf_k, weights=[s.weight for s in signals]))

@@ -212,6 +212,23 @@ class DocStore:
                 found[rec[0]] = _chunk_dict(rec)
         return found
 
+    def chunk(self, chunk_id: str) -> dict | None:
+        """One chunk's fields by its id (None when this snapshot has no such chunk)."""
+        rec = self.db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE chunk_id = ?", (chunk_id,)).fetchone()
+        return _chunk_dict(rec) if rec else None
+
+    def rows_where(self, source_prefix: str | None = None, file_type: str | None = None) -> np.ndarray:
+        """Rows whose source starts with ``source_prefix`` and/or ends in '.<file_type>' (case-insensitive)."""
+        sql, args = "SELECT row FROM chunks WHERE 1", []
+        if source_prefix:  # substr, not LIKE: a '%' or '_' in the prefix is a plain character
+            sql += " AND substr(source, 1, length(?)) = ?"
+            args += [source_prefix, source_prefix]
+        if file_type:
+            suffix = "." + file_type.lower().lstrip(".")
+            sql += " AND lower(substr(source, -length(?))) = ?"
+            args += [suffix, suffix]
+        return np.fromiter((r for (r,) in self.db.execute(sql + " ORDER BY row", args)), dtype=np.int64)
+
     def iter_batches(self, size: int = 1024) -> Iterator[Batch]:
         """Every stored chunk as (rows, vectors, payloads, terms) batches, in row order: what a backend rebuild eats."""
         terms = "terms.terms" if self.has_terms else "NULL"

@@ -1,0 +1,242 @@
+"""The server's search engine room: indexes and models loaded once, queries batched, new generations picked up.
+
+One worker thread owns every index (reads, refreshes) and runs the searches: requests put jobs on a queue and
+wait on a future. Whatever is queued when the worker comes round is taken together, and the queries of jobs
+that agree on (index, mode, k, filter) are encoded in one batch and searched in one call — no waiting window,
+so a lone query pays nothing and a burst shares one forward pass (``benchmarks/serve_load.py --max-batch 1``
+measures what that buys). Between batches the worker asks each index for its newest committed state
+(``Index.refresh``): a writer's update is picked up within ``refresh_s`` without a restart, and a batch never
+sees half of one, because a reader searches one pinned snapshot until the next refresh.
+
+Decoding an explanation takes seconds on a CPU, so it runs on a thread of its own: it never holds up searches.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import IndexError_, InputError, RkitError
+from ..index import Index
+from ..index.base import ChunkFilter
+from ..search import DEFAULT_HYBRID, SEARCH_MODES, Retriever, SearchResult, adapter_path, explanation
+
+log = logging.getLogger("rkit.serve")
+
+MAX_BATCH = 32  # queries per encode: past this a CPU gains nothing and the first request waits longer
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """Queries that share one search call: the same index, mode, k and filter."""
+
+    index: str
+    queries: tuple[str, ...]
+    k: int
+    mode: str | None
+    where: ChunkFilter | None = None
+    future: Future = field(default_factory=Future, compare=False, hash=False)
+
+    @property
+    def key(self) -> tuple:
+        return self.index, self.mode, self.k, self.where
+
+
+@dataclass
+class Served:
+    """One searched index: its retriever (index + shared encoder) and what refreshes found."""
+
+    name: str
+    folder: Path
+    retriever: Retriever | None = None
+    error: str | None = None  # the last refresh failed (index removed, rebuilt with another encoder…)
+
+
+class Searcher:
+    def __init__(self, folders: dict[str, Path], *, adapter: str | None = None, device=None, encoder=None,
+                 max_batch: int = MAX_BATCH, refresh_s: float = 0.25):
+        if not folders:
+            raise InputError("serve at least one index (--index NAME)")
+        self.served = {name: Served(name, Path(folder)) for name, folder in folders.items()}
+        self.default = next(iter(self.served))
+        self.adapter, self.device, self._encoder = adapter, device, encoder
+        self.max_batch, self.refresh_s = max(1, int(max_batch)), float(refresh_s)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rkit-explain")
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._last_refresh = 0.0
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.batches = 0  # searches run (a batch of one or more jobs); the server exports them as metrics
+        self.batched_queries = 0
+        self.on_batch: Callable[[int], None] | None = None  # called with each batch's query count
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Open every index read-only and load each distinct encoder once (indexes built alike share one)."""
+        try:
+            encoders: dict[tuple, object] = {}
+            for served in self.served.values():
+                index = Index.open(served.folder)
+                try:
+                    served.retriever = Retriever._checked(index, self._encoder_for(index, encoders))
+                except BaseException:
+                    index.close()
+                    raise
+            self._worker = threading.Thread(target=self._work, name="rkit-search", daemon=True)
+            self._worker.start()
+            self.ready.set()
+        except RkitError as exc:
+            self.load_error = str(exc)
+            raise
+
+    def _encoder_for(self, index: Index, loaded: dict):
+        if self._encoder is not None:
+            return self._encoder
+        from ..models import load_encoder
+
+        stored = index.manifest["encoder"]
+        folder, _ = adapter_path(self.adapter if self.adapter is not None else stored.get("adapter"))
+        key = (str(folder), None if folder else stored.get("backbone"), None if folder else stored.get("teacher"))
+        if key not in loaded:
+            loaded[key] = load_encoder(folder, backbone=key[1], teacher=key[2], device=self.device)
+        return loaded[key]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._jobs.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self._explainer.shutdown(wait=False, cancel_futures=True)
+        for served in self.served.values():
+            if served.retriever is not None:
+                served.retriever.close()
+
+    # -- what requests call ---------------------------------------------------------------------
+    def search(self, index: str | None, queries: list[str], k: int, mode: str | None,
+               where: ChunkFilter | None = None) -> Future:
+        """A future of one SearchResult per query (the worker's batch fills it)."""
+        name = self.check_index(index)
+        if mode is not None and mode not in SEARCH_MODES:
+            raise InputError(f"unknown query mode '{mode}' (use {', '.join(SEARCH_MODES)})")
+        job = SearchJob(name, tuple(queries), int(k), mode, where)
+        self._jobs.put(job)
+        return job.future
+
+    def call(self, index: str | None, fn: Callable[[Served], object]) -> Future:
+        """Run ``fn(served)`` on the worker thread (every index read happens there, between batches)."""
+        served = self.served[self.check_index(index)]
+        future: Future = Future()
+        self._jobs.put((served, fn, future))
+        return future
+
+    def explain(self, index: str | None, queries: list[str], tokens: int) -> Future:
+        """A future of one explanation dict per query (decoded as one batch on the explain thread, never
+        blocking searches)."""
+        served = self.served[self.check_index(index)]
+        encoder = served.retriever.encoder
+        return self._explainer.submit(
+            lambda: [explanation(encoder, text) for text in encoder.decode(queries, max_new_tokens=tokens)])
+
+    def check_index(self, name: str | None) -> str:
+        name = name or self.default
+        if name not in self.served:
+            raise KeyError(name)
+        return name
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._jobs.get(timeout=self.refresh_s)
+            except queue.Empty:
+                self._refresh()
+                continue
+            if first is None:
+                break
+            jobs, n = [first], _size(first)
+            while n < self.max_batch:  # take what is already waiting, never wait for more
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._stop.set()
+                    break
+                jobs.append(more)
+                n += _size(more)
+            self._refresh()
+            self._run(jobs)
+
+    def _run(self, jobs: list) -> None:
+        groups: dict[tuple, list[SearchJob]] = {}
+        for job in jobs:
+            if isinstance(job, SearchJob):
+                groups.setdefault(job.key, []).append(job)
+            else:
+                served, fn, future = job
+                _settle(future, lambda: self._available(served) and fn(served))
+        for (name, mode, k, where), group in groups.items():
+            served = self.served[name]
+            queries = [q for job in group for q in job.queries]
+
+            def batch(served=served, queries=queries, mode=mode, k=k, where=where):
+                self._available(served)
+                return served.retriever.search(queries, k=k, query_mode=mode, hybrid=DEFAULT_HYBRID, where=where)
+
+            try:
+                results = batch()
+            except BaseException as exc:  # every job of the batch gets the error
+                for job in group:
+                    job.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.batched_queries += len(queries)
+            if self.on_batch is not None:
+                self.on_batch(len(queries))
+            start = 0
+            for job in group:
+                job.future.set_result(results[start:start + len(job.queries)])
+                start += len(job.queries)
+
+    def _available(self, served: Served) -> bool:
+        if served.error is not None:
+            raise IndexError_(f"index '{served.name}' is unavailable: {served.error}")
+        return True
+
+    def _refresh(self) -> None:
+        """Move every index to its newest committed generation (at most every refresh_s)."""
+        now = time.monotonic()
+        if now - self._last_refresh < self.refresh_s:
+            return
+        self._last_refresh = now
+        for served in self.served.values():
+            try:
+                if served.retriever.index.refresh():
+                    served.retriever.check_space()  # a rebuild may have changed the document encoder
+                    log.info("%s: now at generation %s", served.name, served.retriever.index.generation)
+                served.error = None
+            except RkitError as exc:
+                served.error = str(exc)
+                log.warning("%s: %s", served.name, exc)
+            except Exception as exc:  # an index folder replaced under us: report it, keep serving the others
+                served.error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: refresh failed", served.name)
+
+
+def _size(job) -> int:
+    return len(job.queries) if isinstance(job, SearchJob) else 1
+
+
+def _settle(future: Future, fn: Callable[[], object]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
