@@ -86,6 +86,9 @@ def test_modes_and_the_default_index(client):
     assert lexical["hits"][0]["doc_id"] == PLANTED and list(lexical["hits"][0]["signals"]) == ["bm25"]
     dense = _search(client, query=PLANTED_QUERY, k=2, query_mode="teacher")
     assert list(dense["hits"][0]["signals"]) == ["teacher"]
+    lexical_hybrid = _search(client, query=PLANTED_QUERY, k=3, signals={"bm25": 1, "teacher": 0.5})
+    assert lexical_hybrid["hits"][0]["doc_id"] == PLANTED
+    assert {name for h in lexical_hybrid["hits"] for name in h["signals"]} == {"bm25", "teacher"}
 
 
 def test_batch_gives_what_single_searches_give(client):
@@ -188,7 +191,8 @@ BAD_BODIES = [
     ({"query": "ok", "k": 10**30}, 422), ({"query": 7}, 422), ({}, 422), ({"query": "ok", "what": 1}, 422),
     ({"query": "ok", "query_mode": "psychic"}, 422), ({"query": "ok", "index": "nope"}, 404),
     ({"query": "ok", "index": "../kb"}, 404), ({"query": "\x1c\x85\u3000"}, 422),
-    ({"query": "ok", "filters": {"file_type": "../../x"}}, 422), ({"query": "ok", "explain_tokens": 10**6}, 422),
+    ({"query": "ok", "filters": {"file_type": "../../x"}}, 422), ({"query": "ok", "signals": {}}, 422),
+    ({"query": "ok", "signals": {"bm25": 0}}, 422), ({"query": "ok", "signals": {"telepathy": 1}}, 422), ({"query": "ok", "explain_tokens": 10**6}, 422),
     ([1, 2], 422), ("just a string", 422),
 ]
 
@@ -256,15 +260,17 @@ def test_health_is_503_until_models_load(served):
 
 
 # -- a writer updates the index while the server serves ----------------------------------------------------------
-def test_a_writers_update_is_picked_up_live(served, client, encoder, tmp_path):
-    corpus, folder = served["corpus"], served["folders"]["kb"]
-    before = _search(client, query="quillwort greenhouse watering schedule", k=1, query_mode="bm25")
+@pytest.mark.parametrize("index", ["kb", "kbq"])
+def test_a_writers_update_is_picked_up_live(served, client, encoder, index):
+    corpus, folder = served["corpus"], served["folders"][index]
+    settings = IndexSettings(backend="faiss" if index == "kb" else "qdrant")
+    before = _search(client, query="quillwort greenhouse watering schedule", k=1, query_mode="bm25", index=index)
     assert not before["hits"] or "quillwort" not in before["hits"][0]["snippet"]
     stop, seen, errors = threading.Event(), set(), []
 
     def hammer():  # readers never see an error or a half-applied state while the writer commits
         while not stop.is_set():
-            response = client.post("/search", json={"query": PLANTED_QUERY, "k": 3})
+            response = client.post("/search", json={"query": PLANTED_QUERY, "k": 3, "index": index})
             if response.status_code != 200 or response.json()["hits"][0]["doc_id"] != PLANTED:
                 errors.append(response.text)
             seen.add(response.json().get("generation"))
@@ -275,10 +281,11 @@ def test_a_writers_update_is_picked_up_live(served, client, encoder, tmp_path):
     try:
         (corpus / "general" / "quillwort.md").write_text("# Quillwort\n\nThe quillwort greenhouse watering "
                                                          "schedule: twice a week, never on Sundays.\n")
-        index_corpus(corpus, folder, lambda: encoder, "default", IndexSettings())
+        index_corpus(corpus, folder, lambda: encoder, "default", settings)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            after = _search(client, query="quillwort greenhouse watering schedule", k=1, query_mode="bm25")
+            after = _search(client, query="quillwort greenhouse watering schedule", k=1, query_mode="bm25",
+                            index=index)
             if after["hits"] and after["hits"][0]["doc_id"] == "general/quillwort.md":
                 break
             time.sleep(0.05)
@@ -289,7 +296,7 @@ def test_a_writers_update_is_picked_up_live(served, client, encoder, tmp_path):
         for t in readers:
             t.join()
         (corpus / "general" / "quillwort.md").unlink()
-        index_corpus(corpus, folder, lambda: encoder, "default", IndexSettings())
+        index_corpus(corpus, folder, lambda: encoder, "default", settings)
     assert errors == []
     assert after["generation"] > before["generation"] and len(seen) >= 1
 

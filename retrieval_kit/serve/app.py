@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException
 
 from ..errors import IndexError_, IndexLockedError, IndexMismatchError, InputError, RkitError
 from ..index import ChunkFilter
-from ..search import SEARCH_MODES, SearchResult, hit_dict
+from ..models import QUERY_MODES
+from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, SearchResult, hit_dict
 from .searcher import Searcher
 
 log = logging.getLogger("rkit.serve")
@@ -45,6 +46,7 @@ MAX_K = 100
 MAX_BATCH_QUERIES = 64
 MAX_EXPLAIN_TOKENS = 128
 Mode = Literal[SEARCH_MODES]  # type: ignore[valid-type]
+SignalName = Literal[("bm25",) + QUERY_MODES]  # type: ignore[valid-type]
 
 
 # -- request and response bodies (they make /openapi.json) -----------------------------------------
@@ -81,6 +83,11 @@ class SearchOptions(BaseModel):
     explain: bool = Field(False, description="also decode the query's generative embedding back into text")
     explain_tokens: int = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
     filters: Filters | None = None
+    signals: dict[SignalName, Annotated[float, Field(gt=0, le=100)]] | None = Field(
+        None, min_length=1, description=f"hybrid mode: RRF weight per signal (default {DEFAULT_HYBRID.spec()})")
+
+    def recipe(self) -> HybridRecipe:
+        return HybridRecipe.of(self.signals) if self.signals else DEFAULT_HYBRID
 
 
 class SearchRequest(SearchOptions):
@@ -213,7 +220,8 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
         if load:  # a searcher handed over loaded belongs to the caller (tests share one between apps)
             searcher.close()
 
-    app = FastAPI(title="rkit", version="1", lifespan=lifespan, responses=ERRORS,
+    # no /docs or /redoc: FastAPI's pages load Swagger UI from a CDN, which an offline machine cannot reach
+    app = FastAPI(title="rkit", version="1", lifespan=lifespan, responses=ERRORS, docs_url=None, redoc_url=None,
                   description="Search rkit indexes: hybrid BM25 + teacher + generative query embeddings.")
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -333,8 +341,8 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
     async def _search(body: SearchOptions, queries: list[str]) -> tuple[list[SearchResult], float]:
         where = body.filters.chunk_filter() if body.filters else None
         started = time.perf_counter()
-        results = await _await(_named(lambda: searcher.search(body.index, queries, body.k, body.query_mode, where),
-                                      body.index))
+        results = await _await(_named(lambda: searcher.search(body.index, queries, body.k, body.query_mode, where,
+                                                              body.recipe()), body.index))
         return results, (time.perf_counter() - started) * 1000
 
     async def _explain(index: str | None, queries: list[str], tokens: int, mode: str) -> list[Explanation]:

@@ -25,7 +25,7 @@ from typing import Callable
 from ..errors import IndexError_, InputError, RkitError
 from ..index import Index
 from ..index.base import ChunkFilter
-from ..search import DEFAULT_HYBRID, SEARCH_MODES, Retriever, SearchResult, adapter_path, explanation
+from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever, adapter_path, explanation
 
 log = logging.getLogger("rkit.serve")
 
@@ -41,11 +41,12 @@ class SearchJob:
     k: int
     mode: str | None
     where: ChunkFilter | None = None
+    hybrid: HybridRecipe = DEFAULT_HYBRID
     future: Future = field(default_factory=Future, compare=False, hash=False)
 
     @property
     def key(self) -> tuple:
-        return self.index, self.mode, self.k, self.where
+        return self.index, self.mode, self.k, self.where, self.hybrid
 
 
 @dataclass
@@ -121,12 +122,12 @@ class Searcher:
 
     # -- what requests call ---------------------------------------------------------------------
     def search(self, index: str | None, queries: list[str], k: int, mode: str | None,
-               where: ChunkFilter | None = None) -> Future:
+               where: ChunkFilter | None = None, hybrid: HybridRecipe = DEFAULT_HYBRID) -> Future:
         """A future of one SearchResult per query (the worker's batch fills it)."""
         name = self.check_index(index)
         if mode is not None and mode not in SEARCH_MODES:
             raise InputError(f"unknown query mode '{mode}' (use {', '.join(SEARCH_MODES)})")
-        job = SearchJob(name, tuple(queries), int(k), mode, where)
+        job = SearchJob(name, tuple(queries), int(k), mode, where, hybrid)
         self._jobs.put(job)
         return job.future
 
@@ -183,13 +184,13 @@ class Searcher:
             else:
                 served, fn, future = job
                 _settle(future, lambda: self._available(served) and fn(served))
-        for (name, mode, k, where), group in groups.items():
+        for (name, mode, k, where, hybrid), group in groups.items():
             served = self.served[name]
             queries = [q for job in group for q in job.queries]
 
-            def batch(served=served, queries=queries, mode=mode, k=k, where=where):
+            def batch(served=served, queries=queries, mode=mode, k=k, where=where, hybrid=hybrid):
                 self._available(served)
-                return served.retriever.search(queries, k=k, query_mode=mode, hybrid=DEFAULT_HYBRID, where=where)
+                return served.retriever.search(queries, k=k, query_mode=mode, hybrid=hybrid, where=where)
 
             try:
                 results = batch()
