@@ -2,6 +2,7 @@
 
     python -m benchmarks.serve_load [--chunks 100000] [--seconds 60] [--clients 16] [--out benchmarks/results/serve]
     python -m benchmarks.serve_load --quick          # 5,000 chunks, 10 s phases: a few minutes
+    python -m benchmarks.serve_load --factory HNSW32 # the same vectors in an HNSW index (copied, not re-embedded)
 
 What it does, every phase against a real `rkit serve` subprocess on loopback, clients in this process
 (asyncio + httpx, one connection each, closed loop: a client sends its next query when its last is answered):
@@ -9,9 +10,10 @@ What it does, every phase against a real `rkit serve` subprocess on loopback, cl
    texts — the training-pool queries, CACM and AdvBench-IR documents (41k distinct texts) — repeated in
    shards under new ids until ``--chunks`` is reached, and indexes it with `rkit index` (FAISS Flat).
 2. Load per query mode: ``--clients`` clients for ``--seconds`` each (teacher, hybrid = the default recipe
-   with the generative signal, hybrid-lexical = bm25+teacher): QPS, p50/p90/p99, errors. Queries are held-out
-   training-pool records (lines 20,000-20,999 of mixed.jsonl), never an evaluation set.
-3. Batching: the teacher-mode load again against a server started with ``--max-batch 1``.
+   with the generative signal, hybrid-lexical = bm25+teacher; teacher and hybrid also at 1 and 4 clients):
+   QPS, p50/p90/p99, errors. Queries are held-out training-pool records (mixed.jsonl from line 20,000, never
+   an evaluation set): the first 1,000 of ≤ 16 words (search-box queries), and the pool as it comes.
+3. Batching: the teacher and hybrid loads again against a server started with ``--max-batch 1``.
 4. A writer under load: while the clients run, `rkit index` re-indexes changed files three times (a planted
    document's text moves from token OLD<i> to NEW<i>, a new document appears). A checker asks for both tokens
    (bm25) every 50 ms: a response from a generation at or after the update that still shows OLD, or one
@@ -31,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,7 +67,7 @@ def _texts() -> list[str]:
     return [" ".join(t.split()[:MAX_WORDS]) for t in seen if t]
 
 
-def build(chunks: int, home: Path) -> tuple[Path, Path]:
+def build(chunks: int, home: Path, factory: str = "Flat") -> tuple[Path, Path]:
     corpus, index_dir = home / f"corpus-{chunks}", home / "indexes"
     if not (corpus / "DONE").is_file():
         corpus.mkdir(parents=True, exist_ok=True)
@@ -77,10 +80,13 @@ def build(chunks: int, home: Path) -> tuple[Path, Path]:
             written, shard = written + n, shard + 1
         (corpus / "planted.jsonl").write_text(_planted(0))
         (corpus / "DONE").write_text(str(len(texts)))
-    name = f"load-{chunks}"
+    flat = index_dir / f"load-{chunks}"
+    name = flat.name if factory == "Flat" else f"{flat.name}-{factory.lower().replace(',', '-')}"
     started = time.perf_counter()
-    subprocess.run([str(RKIT), "index", str(corpus), "--name", name, "--index-dir", str(index_dir), "--json"],
-                   check=True, stdout=subprocess.DEVNULL)
+    if name != flat.name and not (index_dir / name).exists() and flat.exists():
+        shutil.copytree(flat, index_dir / name)  # same vectors, another factory: no re-embedding
+    subprocess.run([str(RKIT), "index", str(corpus), "--name", name, "--index-dir", str(index_dir), "--json",
+                    "--factory", factory], check=True, stdout=subprocess.DEVNULL)
     print(f"index {name} ready ({time.perf_counter() - started:.0f} s)", flush=True)
     return corpus, index_dir / name
 
@@ -153,6 +159,8 @@ async def _client(url: str, queries: list[str], body: dict, deadline: float, off
             except httpx.HTTPError as exc:
                 ok, detail = False, f"{type(exc).__name__}"
             out.append((started, time.perf_counter() - started, ok, detail))
+            if not ok:
+                await asyncio.sleep(0.05)  # a server that is down is retried, not spun on
 
 
 def load(url: str, queries: list[str], body: dict, clients: int, seconds: float, during=None) -> dict:
@@ -186,7 +194,7 @@ def summarise(out: list, wall: float) -> dict:
 
 # -- the writer and the checker ---------------------------------------------------------------------------
 def writer_phase(server: Server, corpus: Path, folder: Path, queries, clients, seconds) -> dict:
-    events = {"updates": [], "wrong": [], "checks": 0, "first_new_s": []}
+    events = {"updates": [], "wrong": [], "checks": 0}
 
     async def checker(deadline: float):
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
@@ -200,14 +208,13 @@ def writer_phase(server: Server, corpus: Path, folder: Path, queries, clients, s
                 proc = await asyncio.create_subprocess_exec(
                     str(RKIT), "index", str(corpus), "--name", folder.name, "--index-dir", str(folder.parent),
                     "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-                stdout, stderr = await proc.communicate()
-                if proc.returncode:
-                    events["updates"].append({"error": stderr.decode()[-300:]})
-                    break
-                report = json.loads(stdout)
-                wrote = time.perf_counter()
-                seen_new = None
+                writing = asyncio.ensure_future(proc.communicate())
+                wrote = seen_new = None
+                # check all the time the writer runs and after: never both texts, never NEW before the update's
+                # generation nor OLD after it
                 while time.perf_counter() < deadline and seen_new is None:
+                    if wrote is None and writing.done():
+                        wrote = time.perf_counter()
                     for token, is_new in ((f"zqxvNEW{version}", True), (f"zqxvOLD{version}", False)):
                         r = (await http.post("/search", json={"query": token, "k": 3, "query_mode": "bm25"})).json()
                         events["checks"] += 1
@@ -215,9 +222,17 @@ def writer_phase(server: Server, corpus: Path, folder: Path, queries, clients, s
                         newer = r["generation"] > before
                         if found and newer != is_new:  # OLD after the update, or NEW before it
                             events["wrong"].append({"token": token, "generation": r["generation"], "before": before})
-                        if found and is_new:
+                        if found and is_new and wrote is not None:
                             seen_new = time.perf_counter() - wrote
+                        elif found and is_new:
+                            seen_new = 0.0  # live before the writer process had even exited
                     await asyncio.sleep(0.05)
+                stdout, stderr = await writing
+                wrote = wrote or time.perf_counter()
+                if proc.returncode:
+                    events["updates"].append({"error": stderr.decode()[-300:]})
+                    break
+                report = json.loads(stdout)
                 events["updates"].append({"version": version, "index_s": round(wrote - started, 1),
                                           "re_embedded": report.get("chunks_embedded"),
                                           "searchable_after_s": None if seen_new is None else round(seen_new, 2)})
@@ -265,47 +280,88 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--factory", default="Flat", help="FAISS index_factory of the served index (Flat, HNSW32 …)")
     ap.add_argument("--quick", action="store_true", help="5,000 chunks, 10 s phases")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
     args = ap.parse_args()
     if args.quick:
         args.chunks, args.seconds = 5000, 10
     home = rkit_home() / "bench" / "serve"
-    corpus, folder = build(args.chunks, home)
+    corpus, folder = build(args.chunks, home, args.factory)
     mixed = [json.loads(line)["text"] for line in open(DATA / "train_queries" / "mixed.jsonl", encoding="utf-8")]
-    queries = mixed[20_000:21_000]
-    results: dict = {"machine": machine_info(), "chunks": args.chunks, "clients": args.clients,
-                     "seconds": args.seconds, "distinct_texts": int((corpus / "DONE").read_text()), "modes": {}}
+    held_out = mixed[20_000:]  # never used to train the shipped adapter or tune the hybrid recipe
+    sets = {"short": [q for q in held_out if len(q.split()) <= 16][:1000],  # search-box queries
+            "pool": [q for q in held_out[:1000] if len(q) <= 1000]}  # the pool as it comes (prompts, problems)
+    c, t = args.clients, args.seconds
+    # (label, request fields, query set, clients, seconds)
+    phases = [("teacher · 1 client", MODES["teacher"], "short", 1, t / 3),
+              ("teacher · 4 clients", MODES["teacher"], "short", 4, t / 3),
+              (f"teacher · {c} clients", MODES["teacher"], "short", c, t),
+              (f"hybrid-lexical · {c} clients", MODES["hybrid-lexical"], "short", c, t),
+              ("hybrid · 1 client", MODES["hybrid"], "short", 1, t / 3),
+              (f"hybrid · {c} clients", MODES["hybrid"], "short", c, t),
+              (f"teacher · {c} clients · pool queries", MODES["teacher"], "pool", c, t)]
+    results: dict = {"machine": machine_info(), "chunks": args.chunks, "factory": args.factory, "clients": c,
+                     "seconds": t, "distinct_texts": int((corpus / "DONE").read_text()),
+                     "query_words": {k: round(statistics.fmean(len(q.split()) for q in v), 1) for k, v in sets.items()},
+                     "phases": {}}
     server = Server(folder)
     try:
         results["start_to_ready_s"] = round(server.start(), 1)
-        load(server.url, queries, MODES["teacher"], 4, 3)  # warm-up
-        for mode, body in MODES.items():
-            print(f"load: {mode} …", flush=True)
-            results["modes"][mode] = _public(load(server.url, queries, body, args.clients, args.seconds))
-            print(f"  {results['modes'][mode]}", flush=True)
+        load(server.url, sets["short"], MODES["teacher"], 4, 3)  # warm-up
+        for label, body, which, clients, seconds in phases:
+            print(f"load: {label} …", flush=True)
+            results["phases"][label] = _public(load(server.url, sets[which], body, clients, seconds))
+            print(f"  {results['phases'][label]}", flush=True)
         print("writer under load …", flush=True)
-        results["writer"] = _public(writer_phase(server, corpus, folder, queries, args.clients, args.seconds))
+        results["writer"] = _public(writer_phase(server, corpus, folder, sets["short"], c, t))
         print(f"  {results['writer']}", flush=True)
         print("kill -9 under load …", flush=True)
-        results["kill"] = kill_phase(server, folder, queries, args.clients, max(10.0, args.seconds / 3))
+        results["kill"] = kill_phase(server, folder, sets["short"], c, max(10.0, t / 3))
         print(f"  {results['kill']}", flush=True)
     finally:
         server.stop()
     unbatched = Server(folder, max_batch=1)
     try:
         unbatched.start()
-        load(unbatched.url, queries, MODES["teacher"], 4, 3)
-        print("load: teacher, --max-batch 1 …", flush=True)
-        results["modes"]["teacher (max-batch 1)"] = _public(load(unbatched.url, queries, MODES["teacher"],
-                                                                 args.clients, args.seconds))
+        load(unbatched.url, sets["short"], MODES["teacher"], 4, 3)
+        for mode in ("teacher", "hybrid"):
+            label = f"{mode} · {c} clients · --max-batch 1"
+            print(f"load: {label} …", flush=True)
+            results["phases"][label] = _public(load(unbatched.url, sets["short"], MODES[mode], c, t))
     finally:
         unbatched.stop()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "load-quick" if args.quick else "load"
+    stem = ("load-quick" if args.quick else "load") + ("" if args.factory == "Flat" else f"-{args.factory.lower()}")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(report(results))
+    plot(results, args.out / f"{stem}.png")
     print(report(results))
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(r["phases"])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
+    for i, label in enumerate(labels):
+        s = r["phases"][label]
+        ax.plot([s["p50_ms"], s["p99_ms"]], [i, i], color="0.6")
+        ax.plot(s["p50_ms"], i, "o", color="tab:blue", label="p50" if i == 0 else None)
+        ax.plot(s["p99_ms"], i, "|", color="tab:red", markersize=12, label="p99" if i == 0 else None)
+        ax.text(s["p99_ms"] * 1.08, i, f"{s['qps']} QPS", va="center", fontsize=8)
+    ax.axvline(30, ls="--", color="tab:green", lw=1, label="target p50 30 ms")
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency per search (ms, log)")
+    ax.set_title(f"rkit serve, {r['chunks']:,} chunks ({r['factory']}), {r['machine'].get('cpu_count')} cores", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _public(result: dict) -> dict:
@@ -314,26 +370,32 @@ def _public(result: dict) -> dict:
 
 def report(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# rkit serve under load: {r['chunks']:,} chunks, {r['clients']} clients × {r['seconds']:g} s",
-             "", f"Machine: {m.get('cpu')} · {m.get('cores')} cores · {m.get('memory_gb')} GB · torch {m.get('torch')}; "
-             f"clients run on the same machine. Corpus: {r['distinct_texts']:,} distinct texts repeated in shards. "
-             f"Server start to ready: {r['start_to_ready_s']} s.", "",
-             "| load | requests | errors | QPS | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
-    for mode, s in r["modes"].items():
-        lines.append(f"| {mode} | {s['requests']} | {s['errors']} | {s['qps']} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} |")
+    words = ", ".join(f"{k} {v}" for k, v in r["query_words"].items())
+    lines = [f"# rkit serve under load: {r['chunks']:,} chunks (FAISS {r['factory']})", "",
+             f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, torch {m.get('torch')} ({m.get('threads')} threads); "
+             f"the clients run on the same machine. Corpus: {r['distinct_texts']:,} distinct texts (training-pool "
+             f"queries, CACM and AdvBench-IR documents) repeated in shards. Queries: held-out training-pool records "
+             f"(mean words: {words}). Server start to ready: {r['start_to_ready_s']} s. "
+             "Command: `python -m benchmarks.serve_load" + ("" if r["factory"] == "Flat" else f" --factory {r['factory']}") + "`.",
+             "", "| load | requests | errors | QPS | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    for label, s in r["phases"].items():
+        lines.append(f"| {label} | {s['requests']} | {s['errors']} | {s['qps']} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} |")
     w = r.get("writer") or {}
     if w:
         ev = w.get("extra") or {}
-        lines += ["", f"Writer under load (teacher mode): {w['requests']} requests, {w['errors']} errors, "
-                  f"{len(ev.get('wrong', []))} wrong hits in {ev.get('checks')} checks; updates: "
-                  + "; ".join(f"v{u.get('version')}: indexed in {u.get('index_s')} s, searchable "
-                              f"{u.get('searchable_after_s')} s after" for u in ev.get("updates", []))]
+        lines += ["", f"Writer under load (teacher, {r['clients']} clients): {w['requests']} requests, {w['errors']} errors "
+                  f"(p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms); {len(ev.get('wrong', []))} wrong hits in "
+                  f"{ev.get('checks')} checks; updates: "
+                  + "; ".join(f"v{u.get('version')}: `rkit index` {u.get('index_s')} s ({u.get('re_embedded')} chunks "
+                              f"re-embedded), searchable {u.get('searchable_after_s')} s after it exited"
+                              for u in ev.get("updates", []))]
     k = r.get("kill") or {}
     if k:
-        lines += ["", f"kill -9 under load: {k['failed_around_kill']} requests failed around the kill; ready again "
-                  f"{k['restart_to_ready_s']} s after restart; then {k['after_restart']['requests']} requests, "
-                  f"{k['after_restart']['errors']} errors; index intact: {k['index_intact']}; "
-                  f"planted document found: {k['planted_found']}."]
+        lines += ["", f"kill -9 under load: the server was killed mid-load ({k['failed_around_kill']} requests failed "
+                  f"while it was down, clients retrying every 50 ms); started again, ready in {k['restart_to_ready_s']} s; "
+                  f"then {k['after_restart']['requests']} requests, {k['after_restart']['errors']} errors "
+                  f"(p50 {k['after_restart']['p50_ms']} ms); index intact (counts and vectors as before the kill): "
+                  f"{k['index_intact']}; planted document found: {k['planted_found']}."]
     return "\n".join(lines) + "\n"
 
 

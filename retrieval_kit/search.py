@@ -140,6 +140,8 @@ class Retriever:
     def __init__(self, index: Index, encoder: GenerativeEncoder):
         self.index = index
         self.encoder = encoder
+        # hashing the adapter's weights costs ~6 ms: once here, not per search (a retriever's encoder is frozen)
+        self.fingerprint = encoder.fingerprint
 
     @classmethod
     def open(cls, name_or_path: str | Path, adapter: str | Path | None = None, device=None,
@@ -220,7 +222,7 @@ class Retriever:
         explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens) if explain else [None] * len(queries)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
-        fingerprint = self.encoder.fingerprint if any(not s.lexical for s in signals) else ""
+        fingerprint = self.fingerprint if any(not s.lexical for s in signals) else ""
         return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None,
                              self.index.generation)
                 for q, hits, e in zip(queries, ranked, explanations)]

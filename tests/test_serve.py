@@ -213,6 +213,20 @@ def test_raw_bodies(client, raw, status):
     assert response.json()["error"]["status"] == status
 
 
+def test_a_chunked_body_over_the_limit_is_413(client):
+    def chunks():
+        yield b'{"query": "'
+        for _ in range(100):
+            yield b"a" * 1000
+        yield b'"}'
+
+    response = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["status"] == 413
+    small = client.post("/search", content=iter([b'{"query": "zeph', b'yrine", "k": 1, "query_mode": "bm25"}']),
+                        headers={"content-type": "application/json"})
+    assert small.status_code == 200 and small.json()["hits"][0]["doc_id"] == PLANTED
+
+
 def test_batch_limits(client):
     assert client.post("/search/batch", json={"queries": []}).status_code == 422
     assert client.post("/search/batch", json={"queries": ["q"] * 65}).status_code == 422

@@ -434,36 +434,41 @@ class _Metrics:
                                 registry=self.registry)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _BodyLimit:
-    """413 for a body over ``limit`` bytes, by its Content-Length or while it streams in."""
+    """413 for a body over ``limit`` bytes, by its Content-Length or, for a chunked body, as it streams in
+    (read here, up to the limit, then handed on whole: the app never sees a partial body)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        too_big = _error(413, f"request body over {self.limit} bytes")
+        if length is not None and not length.isdigit():
+            return await _error(400, "bad Content-Length header")(scope, receive, send)
+        if length is not None and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 _STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
