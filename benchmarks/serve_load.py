@@ -355,11 +355,12 @@ def plot(r: dict, path: Path) -> None:
         ax.text(s["p99_ms"] * 1.08, i, f"{s['qps']} QPS", va="center", fontsize=8)
     ax.axvline(30, ls="--", color="tab:green", lw=1, label="target p50 30 ms")
     ax.set_xscale("log")
+    ax.set_xlim(right=3 * max(s["p99_ms"] for s in r["phases"].values()))  # room for the QPS labels
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("latency per search (ms, log)")
     ax.set_title(f"rkit serve, {r['chunks']:,} chunks ({r['factory']}), {r['machine'].get('cpu_count')} cores", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -485,6 +485,14 @@ class Index:
             self._stale = True
             raise
 
+    def prepare(self) -> None:
+        """Reader: make this snapshot ready to search now (vectors rebuilt in memory if the saved file is from
+        another state, the BM25 side loaded), so a server can do it off its serving thread before swapping in."""
+        self._check_open()
+        self._ensure_synced()
+        if not isinstance(self.backend, QdrantBackend):
+            self._lexical()
+
     def _ensure_synced(self) -> None:
         if self._stale or self.backend.needs_rebuild:
             self.backend.rebuild(self.store.iter_batches())
@@ -610,6 +618,16 @@ def _new_manifest(name, dim, backend, factory, qdrant_url, collection, encoder, 
     manifest.update({"dim": dim, "metric": "ip", "encoder": dict(encoder or {}), "chunking": dict(chunking or {}),
                      "counts": {"documents": 0, "chunks": 0}, "created": now, "updated": now})
     return manifest
+
+
+def committed_generation(folder: Path) -> int:
+    """The newest committed generation of the index in ``folder`` (a fresh read-only look: cheap, no snapshot)."""
+    db = sqlite3.connect(f"{(Path(folder) / DOCS).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        db.close()
 
 
 def read_manifest(folder: Path) -> dict:

@@ -59,6 +59,23 @@ class WriterLock:
         return self._lock.is_locked
 
 
+def writer_active(folder: Path) -> bool:
+    """A reader's hint, without touching the lock (taking it, even for a moment, could make a writer fail):
+    True while the holder note names a live process on this host."""
+    try:
+        h = json.loads((Path(folder) / HOLDER_FILE).read_text(encoding="utf-8"))
+        if h.get("host") != socket.gethostname():
+            return True  # another host's writer: nothing to check it by, trust the note
+        os.kill(int(h["pid"]), 0)
+        return True
+    except ProcessLookupError:
+        return False  # a writer killed before it could remove its note
+    except PermissionError:
+        return True  # alive, owned by someone else
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def describe_holder(folder: Path) -> str:
     try:
         h = json.loads((Path(folder) / HOLDER_FILE).read_text(encoding="utf-8"))

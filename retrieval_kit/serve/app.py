@@ -210,12 +210,10 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
     config = config or ServeConfig()
     metrics = _Metrics()
     searcher.on_batch = metrics.batch_size.observe
-    loader: dict = {}
 
     async def lifespan(app: FastAPI):
         if load and not searcher.ready.is_set():
-            loader["thread"] = threading.Thread(target=_load, args=(searcher,), name="rkit-load", daemon=True)
-            loader["thread"].start()
+            threading.Thread(target=_load, args=(searcher,), name="rkit-load", daemon=True).start()
         yield
         if load:  # a searcher handed over loaded belongs to the caller (tests share one between apps)
             searcher.close()
@@ -346,9 +344,8 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
         return results, (time.perf_counter() - started) * 1000
 
     async def _explain(index: str | None, queries: list[str], tokens: int, mode: str) -> list[Explanation]:
-        told = await _await(_named(lambda: searcher.explain(index, queries, tokens), index))
-        suffix = f"; decoded from the generative embedding, the search used {mode}" if mode != "generative" else ""
-        return [Explanation(**{**item, "note": item["note"] + suffix}) for item in told]
+        told = await _await(_named(lambda: searcher.explain(index, queries, tokens, mode), index))
+        return [Explanation(**item) for item in told]
 
     async def _await(future):
         try:

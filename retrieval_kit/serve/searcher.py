@@ -4,9 +4,11 @@ One worker thread owns every index (reads, refreshes) and runs the searches: req
 wait on a future. Whatever is queued when the worker comes round is taken together, and the queries of jobs
 that agree on (index, mode, k, filter) are encoded in one batch and searched in one call — no waiting window,
 so a lone query pays nothing and a burst shares one forward pass (``benchmarks/serve_load.py --max-batch 1``
-measures what that buys). Between batches the worker asks each index for its newest committed state
-(``Index.refresh``): a writer's update is picked up within ``refresh_s`` without a restart, and a batch never
-sees half of one, because a reader searches one pinned snapshot until the next refresh.
+measures what that buys). A writer's update is picked up within ``refresh_s`` of the writer finishing,
+without a restart, and a batch never sees half of one: a watcher thread opens each new committed generation as a fresh read-only snapshot,
+prepares it (FAISS file and BM25 side loaded, or rebuilt in memory) off the serving path, and the worker swaps
+it in between batches. If a new generation cannot be opened (the folder removed, rebuilt with another
+encoder), the last good one goes on serving and ``GET /indexes`` shows the error.
 
 Decoding an explanation takes seconds on a CPU, so it runs on a thread of its own: it never holds up searches.
 """
@@ -22,14 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import IndexError_, InputError, RkitError
+from ..errors import InputError, RkitError
 from ..index import Index
 from ..index.base import ChunkFilter
+from ..index.core import committed_generation
+from ..index.lock import writer_active
 from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever, adapter_path, explanation
 
 log = logging.getLogger("rkit.serve")
 
 MAX_BATCH = 32  # queries per encode: past this a CPU gains nothing and the first request waits longer
+WRITER_GRACE_S = 60  # a new generation whose writer still runs waits this long for the writer's own save
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,14 @@ class SearchJob:
 
 @dataclass
 class Served:
-    """One searched index: its retriever (index + shared encoder) and what refreshes found."""
+    """One searched index: the retriever serving it, the next generation being made ready, refresh errors."""
 
     name: str
     folder: Path
-    retriever: Retriever | None = None
+    retriever: Retriever | None = None  # owned by the worker thread
+    pending: Retriever | None = None  # a newer generation, ready to swap in (set by the watcher thread)
     error: str | None = None  # the last refresh failed (index removed, rebuilt with another encoder…)
+    waiting_since: float | None = None  # a new generation seen while its writer still runs
 
 
 class Searcher:
@@ -71,8 +78,9 @@ class Searcher:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rkit-explain")
         self._worker: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._swap_lock = threading.Lock()
         self._stop = threading.Event()
-        self._last_refresh = 0.0
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.batches = 0  # searches run (a batch of one or more jobs); the server exports them as metrics
@@ -93,6 +101,8 @@ class Searcher:
                     raise
             self._worker = threading.Thread(target=self._work, name="rkit-search", daemon=True)
             self._worker.start()
+            self._watcher = threading.Thread(target=self._watch, name="rkit-refresh", daemon=True)
+            self._watcher.start()
             self.ready.set()
         except RkitError as exc:
             self.load_error = str(exc)
@@ -115,10 +125,13 @@ class Searcher:
         self._jobs.put(None)
         if self._worker is not None:
             self._worker.join(timeout=30)
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
         self._explainer.shutdown(wait=False, cancel_futures=True)
         for served in self.served.values():
-            if served.retriever is not None:
-                served.retriever.close()
+            for retriever in (served.retriever, served.pending):
+                if retriever is not None:
+                    retriever.close()
 
     # -- what requests call ---------------------------------------------------------------------
     def search(self, index: str | None, queries: list[str], k: int, mode: str | None,
@@ -138,13 +151,13 @@ class Searcher:
         self._jobs.put((served, fn, future))
         return future
 
-    def explain(self, index: str | None, queries: list[str], tokens: int) -> Future:
+    def explain(self, index: str | None, queries: list[str], tokens: int, mode: str = "generative") -> Future:
         """A future of one explanation dict per query (decoded as one batch on the explain thread, never
-        blocking searches)."""
+        blocking searches); ``mode``: the query mode that searched, which the explanation's note names."""
         served = self.served[self.check_index(index)]
         encoder = served.retriever.encoder
         return self._explainer.submit(
-            lambda: [explanation(encoder, text) for text in encoder.decode(queries, max_new_tokens=tokens)])
+            lambda: [explanation(encoder, text, mode) for text in encoder.decode(queries, max_new_tokens=tokens)])
 
     def check_index(self, name: str | None) -> str:
         name = name or self.default
@@ -158,7 +171,7 @@ class Searcher:
             try:
                 first = self._jobs.get(timeout=self.refresh_s)
             except queue.Empty:
-                self._refresh()
+                self._swap()
                 continue
             if first is None:
                 break
@@ -173,7 +186,7 @@ class Searcher:
                     break
                 jobs.append(more)
                 n += _size(more)
-            self._refresh()
+            self._swap()
             self._run(jobs)
 
     def _run(self, jobs: list) -> None:
@@ -183,13 +196,12 @@ class Searcher:
                 groups.setdefault(job.key, []).append(job)
             else:
                 served, fn, future = job
-                _settle(future, lambda: self._available(served) and fn(served))
+                _settle(future, lambda: fn(served))
         for (name, mode, k, where, hybrid), group in groups.items():
             served = self.served[name]
             queries = [q for job in group for q in job.queries]
 
             def batch(served=served, queries=queries, mode=mode, k=k, where=where, hybrid=hybrid):
-                self._available(served)
                 return served.retriever.search(queries, k=k, query_mode=mode, hybrid=hybrid, where=where)
 
             try:
@@ -207,29 +219,54 @@ class Searcher:
                 job.future.set_result(results[start:start + len(job.queries)])
                 start += len(job.queries)
 
-    def _available(self, served: Served) -> bool:
-        if served.error is not None:
-            raise IndexError_(f"index '{served.name}' is unavailable: {served.error}")
-        return True
-
-    def _refresh(self) -> None:
-        """Move every index to its newest committed generation (at most every refresh_s)."""
-        now = time.monotonic()
-        if now - self._last_refresh < self.refresh_s:
-            return
-        self._last_refresh = now
+    def _swap(self) -> None:
+        """Worker, between batches: serve the newer generations the watcher made ready (an attribute swap)."""
         for served in self.served.values():
-            try:
-                if served.retriever.index.refresh():
-                    served.retriever.check_space()  # a rebuild may have changed the document encoder
-                    log.info("%s: now at generation %s", served.name, served.retriever.index.generation)
-                served.error = None
-            except RkitError as exc:
-                served.error = str(exc)
-                log.warning("%s: %s", served.name, exc)
-            except Exception as exc:  # an index folder replaced under us: report it, keep serving the others
-                served.error = f"{type(exc).__name__}: {exc}"
-                log.exception("%s: refresh failed", served.name)
+            with self._swap_lock:
+                pending, served.pending = served.pending, None
+                if pending is None:
+                    continue
+                old, served.retriever = served.retriever, pending
+            old.close()
+            log.info("%s: now serving generation %s", served.name, pending.index.generation)
+
+    def _watch(self) -> None:
+        """Watcher thread: look for newer committed generations and open, check and prepare each one here
+        (a FAISS file or BM25 side reloaded, or rebuilt in memory when the writer has not saved it yet), so the
+        worker never stalls on it and every batch reads one complete snapshot."""
+        while not self._stop.wait(self.refresh_s):
+            for served in self.served.values():
+                try:
+                    self._prepare(served)
+                    served.error = None
+                except RkitError as exc:
+                    served.error = str(exc)
+                    log.warning("%s: %s", served.name, exc)
+                except Exception as exc:  # an index folder replaced under us: report it, keep serving the rest
+                    served.error = f"{type(exc).__name__}: {exc}"
+                    log.exception("%s: refresh failed", served.name)
+
+    def _prepare(self, served: Served) -> None:
+        newest = committed_generation(served.folder)
+        known = served.pending or served.retriever
+        if newest == known.index.generation:
+            return
+        if writer_active(served.folder):  # its save follows its commit: wait for it rather than rebuild
+            served.waiting_since = served.waiting_since or time.monotonic()
+            if time.monotonic() - served.waiting_since < WRITER_GRACE_S:
+                return
+        served.waiting_since = None
+        index = Index.open(served.folder)
+        try:
+            index.prepare()
+        except BaseException:
+            index.close()
+            raise
+        fresh = Retriever._checked(index, known.encoder)  # a rebuild may have changed the document encoder
+        with self._swap_lock:
+            stale, served.pending = served.pending, fresh
+        if stale is not None:  # made ready but never swapped in: the worker never saw it
+            stale.close()
 
 
 def _size(job) -> int:
