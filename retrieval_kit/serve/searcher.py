@@ -198,14 +198,10 @@ class Searcher:
                 served, fn, future = job
                 _settle(future, lambda: fn(served))
         for (name, mode, k, where, hybrid), group in groups.items():
-            served = self.served[name]
+            retriever = self.served[name].retriever
             queries = [q for job in group for q in job.queries]
-
-            def batch(served=served, queries=queries, mode=mode, k=k, where=where, hybrid=hybrid):
-                return served.retriever.search(queries, k=k, query_mode=mode, hybrid=hybrid, where=where)
-
             try:
-                results = batch()
+                results = retriever.search(queries, k=k, query_mode=mode, hybrid=hybrid, where=where)
             except BaseException as exc:  # every job of the batch gets the error
                 for job in group:
                     job.future.set_exception(exc)
