@@ -105,23 +105,31 @@ def search_cmd(
     signals: Optional[str] = typer.Option(None, "--signals",
                                           help="Hybrid mode: RRF weight per signal, e.g. bm25=1,teacher=1 (default: bm25=1,teacher=1,fused=1)."),
     fusion: str = typer.Option("rrf", "--fusion", help="Hybrid mode: rrf (rank fusion, default) or dbsf (Qdrant's score fusion, equal weights)."),
+    source_prefix: Optional[str] = typer.Option(None, "--source-prefix", help="Only chunks whose source starts with this, e.g. security/."),
+    file_type: Optional[str] = typer.Option(None, "--file-type", help="Only chunks of this file type, e.g. md."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
     device: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
 ):
     """Search an index (read-only: safe while rkit index writes it)."""
+    import re
+
     from retrieval_kit.errors import InputError
+    from retrieval_kit.index import ChunkFilter
     from retrieval_kit.search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever
 
     quiet_libraries()
     _top_k(k)
+    if file_type is not None and not re.fullmatch(r"\.?[A-Za-z0-9]{1,10}", file_type):
+        raise InputError(f"--file-type '{file_type}' is not a file type such as md or pdf")
+    where = ChunkFilter(source_prefix or None, file_type or None) or None
     if query_mode is not None and query_mode not in SEARCH_MODES:
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
     # checked before any model loads
     hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion)
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
-                                   explain=explain, explain_tokens=explain_tokens, hybrid=hybrid)
+                                   explain=explain, explain_tokens=explain_tokens, hybrid=hybrid, where=where)
         info = retriever.encoder.describe()
         if as_json:
             print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})

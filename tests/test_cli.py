@@ -87,6 +87,16 @@ def test_index_and_search_sample_corpus(index_home, corpus, encoder):
     assert ("not yet faithful" in " ".join(table.split())) == (trained and rouge is not None and rouge < 0.2)
 
 
+def test_search_filters_by_source_prefix_and_file_type(index_home, corpus):
+    ok("index", corpus, "--name", "kb")
+    out = search_json("how do I rotate the API keys?", "--index", "kb", "-k", "3", "--source-prefix", "general/")
+    hits = out["results"][0]["hits"]
+    assert len(hits) == 3 and all(h["source"].startswith("general/") for h in hits)
+    out = search_json("backups", "--index", "kb", "-k", "2", "--file-type", "txt", "--query-mode", "bm25")
+    assert {h["source"] for h in out["results"][0]["hits"]} == {"operations/database-backups.txt"}  # its chunks
+    fails("search", "x", "--index", "kb", "--file-type", "../etc", needle="is not a file type")
+
+
 def test_generative_and_fused_modes_run(index_home, corpus):
     ok("index", corpus, "--name", "kb")
     for mode in ("generative", "fused"):

@@ -88,7 +88,7 @@ def _tail(path: Path, n: int = 40) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, encoder):
     _browser_or_skip()
     root = tmp_path_factory.mktemp("serve-browser")
     corpus = root / "corpus"
@@ -98,9 +98,11 @@ def server(tmp_path_factory):
     (corpus / MARKUP).parent.mkdir(parents=True)
     (corpus / MARKUP).write_text(MARKUP_TEXT)
     index_dir = root / "indexes"
-    built = subprocess.run([str(RKIT), "index", str(corpus), "--name", "kb", "--index-dir", str(index_dir)],
-                           capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, built.stdout + built.stderr
+    # built in-process with the session's models (what `rkit index` runs; the CLI itself is tested elsewhere),
+    # so only the server below loads them again
+    from retrieval_kit.indexer import IndexSettings, index_corpus
+
+    index_corpus(corpus, index_dir / "kb", lambda: encoder, "default", IndexSettings())
 
     port = _free_port()
     log = root / "serve.log"
