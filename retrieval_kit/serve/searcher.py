@@ -95,6 +95,7 @@ class Searcher:
             for served in self.served.values():
                 index = Index.open(served.folder)
                 try:
+                    index.prepare()  # "ready" means the first search pays no one-off load (BM25 side, rebuilds)
                     served.retriever = Retriever._checked(index, self._encoder_for(index, encoders))
                 except BaseException:
                     index.close()
