@@ -136,6 +136,14 @@ def adapter_path(adapter: str | Path | None) -> tuple[Path | None, str]:
     return path, str(path)
 
 
+def encoder_spec(manifest: dict, adapter: str | Path | None = None) -> tuple[Path | None, str | None, str | None]:
+    """(adapter folder, backbone, teacher) to load for an index: the ``adapter`` asked for, else the one it was
+    built with; backbone and teacher only for an adapter-less (untrained) encoder."""
+    stored = manifest["encoder"]
+    folder, _ = adapter_path(adapter if adapter is not None else stored.get("adapter"))
+    return folder, None if folder else stored.get("backbone"), None if folder else stored.get("teacher")
+
+
 class Retriever:
     def __init__(self, index: Index, encoder: GenerativeEncoder):
         self.index = index
@@ -148,10 +156,8 @@ class Retriever:
              index_dir: str | Path | None = None) -> "Retriever":
         index = Index.open(index_folder(name_or_path, index_dir))
         try:
-            stored = index.manifest["encoder"]
-            folder, _ = adapter_path(adapter if adapter is not None else stored.get("adapter"))
-            encoder = load_encoder(folder, backbone=None if folder else stored.get("backbone"),
-                                   teacher=None if folder else stored.get("teacher"), device=device)
+            folder, backbone, teacher = encoder_spec(index.manifest, adapter)
+            encoder = load_encoder(folder, backbone=backbone, teacher=teacher, device=device)
         except BaseException:
             index.close()
             raise

@@ -622,12 +622,11 @@ def _new_manifest(name, dim, backend, factory, qdrant_url, collection, encoder, 
 
 def committed_generation(folder: Path) -> int:
     """The newest committed generation of the index in ``folder`` (a fresh read-only look: cheap, no snapshot)."""
-    db = sqlite3.connect(f"{(Path(folder) / DOCS).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    store = DocStore(Path(folder) / DOCS, readonly=True, timeout=5)
     try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(row[0]) if row else 0
+        return int(store.get_meta("generation", "0"))
     finally:
-        db.close()
+        store.close()
 
 
 def read_manifest(folder: Path) -> dict:

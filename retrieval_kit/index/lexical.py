@@ -135,13 +135,14 @@ class Bm25Side:
         if self.model is None:
             return scores, rows
         vocab = self.model.vocab_dict
+        excluded = None if allowed is None else ~np.isin(self.rows, allowed)
         for i, query in enumerate(terms):
             known = [t for t in query if t in vocab and t]
             if not known:
                 continue
             all_scores = np.asarray(self.model.get_scores(known), dtype=np.float32)
-            if allowed is not None:
-                all_scores[~np.isin(self.rows, allowed)] = 0
+            if excluded is not None:
+                all_scores[excluded] = 0
             hit = np.flatnonzero(all_scores > 0)
             # best first; ties by row (insertion order), so the ranking is the same on every run
             order = hit[np.lexsort((self.rows[hit], -all_scores[hit]))][:k]

@@ -59,13 +59,24 @@ class WriterLock:
         return self._lock.is_locked
 
 
+def _holder(folder: Path) -> dict | None:
+    """The writer's holder note (None when absent or unreadable: it is only informative)."""
+    try:
+        note = json.loads((Path(folder) / HOLDER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
 def writer_active(folder: Path) -> bool:
     """A reader's hint, without touching the lock (taking it, even for a moment, could make a writer fail):
     True while the holder note names a live process on this host."""
+    h = _holder(folder)
+    if h is None:
+        return False
+    if h.get("host") != socket.gethostname():
+        return True  # another host's writer: nothing to check it by, trust the note
     try:
-        h = json.loads((Path(folder) / HOLDER_FILE).read_text(encoding="utf-8"))
-        if h.get("host") != socket.gethostname():
-            return True  # another host's writer: nothing to check it by, trust the note
         os.kill(int(h["pid"]), 0)
         return True
     except ProcessLookupError:
@@ -77,10 +88,10 @@ def writer_active(folder: Path) -> bool:
 
 
 def describe_holder(folder: Path) -> str:
+    h = _holder(folder)
     try:
-        h = json.loads((Path(folder) / HOLDER_FILE).read_text(encoding="utf-8"))
         return f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "another process"
 
 

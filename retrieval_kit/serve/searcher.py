@@ -29,7 +29,7 @@ from ..index import Index
 from ..index.base import ChunkFilter
 from ..index.core import committed_generation
 from ..index.lock import writer_active
-from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever, adapter_path, explanation
+from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever, encoder_spec, explanation
 
 log = logging.getLogger("rkit.serve")
 
@@ -95,11 +95,12 @@ class Searcher:
             for served in self.served.values():
                 index = Index.open(served.folder)
                 try:
-                    index.prepare()  # "ready" means the first search pays no one-off load (BM25 side, rebuilds)
-                    served.retriever = Retriever._checked(index, self._encoder_for(index, encoders))
+                    encoder = self._encoder_for(index, encoders)
                 except BaseException:
                     index.close()
                     raise
+                # "ready" means the first search pays no one-off load (BM25 side, rebuilds)
+                served.retriever = _ready(index, encoder)
             self._worker = threading.Thread(target=self._work, name="rkit-search", daemon=True)
             self._worker.start()
             self._watcher = threading.Thread(target=self._watch, name="rkit-refresh", daemon=True)
@@ -114,11 +115,9 @@ class Searcher:
             return self._encoder
         from ..models import load_encoder
 
-        stored = index.manifest["encoder"]
-        folder, _ = adapter_path(self.adapter if self.adapter is not None else stored.get("adapter"))
-        key = (str(folder), None if folder else stored.get("backbone"), None if folder else stored.get("teacher"))
+        key = encoder_spec(index.manifest, self.adapter)
         if key not in loaded:
-            loaded[key] = load_encoder(folder, backbone=key[1], teacher=key[2], device=self.device)
+            loaded[key] = load_encoder(key[0], backbone=key[1], teacher=key[2], device=self.device)
         return loaded[key]
 
     def close(self) -> None:
@@ -253,17 +252,23 @@ class Searcher:
             if time.monotonic() - served.waiting_since < WRITER_GRACE_S:
                 return
         served.waiting_since = None
-        index = Index.open(served.folder)
-        try:
-            index.prepare()
-        except BaseException:
-            index.close()
-            raise
-        fresh = Retriever._checked(index, known.encoder)  # a rebuild may have changed the document encoder
+        # checked again: a rebuild may have changed the document encoder
+        fresh = _ready(Index.open(served.folder), known.encoder)
         with self._swap_lock:
             stale, served.pending = served.pending, fresh
         if stale is not None:  # made ready but never swapped in: the worker never saw it
             stale.close()
+
+
+def _ready(index: Index, encoder) -> Retriever:
+    """``index`` checked against ``encoder`` and prepared for its first search; closed if either fails."""
+    retriever = Retriever._checked(index, encoder)  # closes the index on a mismatch
+    try:
+        index.prepare()
+    except BaseException:
+        retriever.close()
+        raise
+    return retriever
 
 
 def _size(job) -> int:
