@@ -62,11 +62,12 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")  # third-party deprecation noise is not the user's business …
     warnings.filterwarnings("default", category=CorpusWarning)  # … rkit's own warnings are
+    # transformers is not imported here (~1.5 s): it reads TRANSFORMERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS
+    # (set by rkit_cli.main) when a model loads, and a command that fails on its input never loads one. Already
+    # imported (rkit used as a library, tests), it is told directly.
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass

@@ -9,6 +9,7 @@ from typing import Optional
 # quiet the libraries before they are imported: our own progress bars and one-line errors are the interface
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
 
 import typer  # noqa: E402
 

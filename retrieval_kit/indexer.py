@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -25,7 +25,10 @@ from .errors import IndexError_, InputError
 from .index import Index
 from .index.core import MANIFEST, check_name, existing_index, remove_index
 from .search import DEFAULT_MODE, SEARCH_MODES
-from .models import DOC_MODES, GenerativeEncoder
+from .modes import DOC_MODES
+
+if TYPE_CHECKING:
+    from .models import GenerativeEncoder
 
 EMBED_BATCH_CHUNKS = 256  # chunks embedded and written per step: bounds memory, keeps progress moving
 QUERY_MODE_CHOICES = ("auto",) + SEARCH_MODES

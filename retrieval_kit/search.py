@@ -15,14 +15,18 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import IndexError_, InputError
 from .index import ChunkFilter, Hit, Index
 from .index.base import Signal
 from .index.core import check_name
 from .index.fusion import FUSIONS, RRF_K
-from .models import QUERY_MODES, GenerativeEncoder, load_encoder
+from .modes import QUERY_MODES
 from .paths import DEFAULT_ADAPTER, index_home
+
+if TYPE_CHECKING:
+    from .models import GenerativeEncoder
 
 SNIPPET_CHARS = 240
 # an explanation is shown as the adapter's answer only when its held-out decodes reach this ROUGE-L against the
@@ -144,6 +148,14 @@ def encoder_spec(manifest: dict, adapter: str | Path | None = None) -> tuple[Pat
     return folder, None if folder else stored.get("backbone"), None if folder else stored.get("teacher")
 
 
+def load_encoder(*args, **kwargs) -> "GenerativeEncoder":
+    """models.load_encoder, imported on first use: torch and transformers cost seconds to import, and a search
+    whose input is wrong (no such index, bad flags) should say so before paying for them."""
+    from .models import load_encoder as load
+
+    return load(*args, **kwargs)
+
+
 class Retriever:
     def __init__(self, index: Index, encoder: GenerativeEncoder):
         self.index = index
@@ -196,14 +208,20 @@ class Retriever:
         return self.index.manifest["encoder"].get("query_mode", "teacher")
 
     def signals(self, queries: list[str], mode: str, fuse_weight: float | None,
-                hybrid: HybridRecipe = DEFAULT_HYBRID) -> list[Signal]:
-        """The ranked lists a search in ``mode`` fuses (one for every mode but hybrid), with query vectors made."""
+                hybrid: HybridRecipe = DEFAULT_HYBRID, soft_prompts: list | None = None) -> list[Signal]:
+        """The ranked lists a search in ``mode`` fuses (one for every mode but hybrid), with query vectors made.
+
+        ``soft_prompts``: a list that receives the queries' soft prompts when a signal ran the backbone (what an
+        explanation decodes), so an explained search encodes each query once."""
         weights = dict(hybrid.weights) if mode == "hybrid" else {mode: 1.0}
         if not self.encoder.config.trained:  # no adapter: the student vector is noise, keep what is not
             weights = {n: w for n, w in weights.items() if n in ("bm25", "teacher")} or weights
         weights = {n: w for n, w in weights.items() if w > 0}
         dense = [n for n in weights if n != "bm25"]
-        vectors = self.encoder.encode_query_modes(queries, dense, fuse_weight) if dense else {}
+        keep = soft_prompts is not None
+        vectors = self.encoder.encode_query_modes(queries, dense, fuse_weight, soft_prompts=keep) if dense else {}
+        if keep and "soft_prompt" in vectors:
+            soft_prompts.append(vectors["soft_prompt"])
         return [Signal(n, w, texts=queries) if n == "bm25" else Signal(n, w, vectors=vectors[n])
                 for n, w in weights.items()]
 
@@ -220,12 +238,16 @@ class Retriever:
             raise InputError(f"unknown query mode '{mode}' (use {', '.join(SEARCH_MODES)})")
         weight = self.index.manifest["encoder"].get("fuse_weight") if fuse_weight is None else fuse_weight
         t0 = time.perf_counter()
-        signals = self.signals(queries, mode, weight, hybrid)
+        soft: list | None = [] if explain else None
+        signals = self.signals(queries, mode, weight, hybrid, soft)
         t1 = time.perf_counter()
         ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k, fusion=hybrid.fusion,
                                           where=where)
         t2 = time.perf_counter()
-        explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens) if explain else [None] * len(queries)
+        explanations = [None] * len(queries)
+        if explain:  # decodes the soft prompts the search made; a teacher/bm25 search has none, so encodes once here
+            explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens,
+                                               soft_prompts=soft[0] if soft else None)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
         fingerprint = self.fingerprint if any(not s.lexical for s in signals) else ""

@@ -15,7 +15,6 @@ chunk ids and inner-product scores come out. See ``indexes/README.md`` for the f
 from .base import ChunkFilter, Hit, VectorBackend
 from .core import FORMAT_VERSION, DocumentUpdate, Index, list_indexes, read_manifest
 from .faiss_backend import FaissBackend
-from .qdrant_backend import QdrantBackend
 
 __all__ = [
     "ChunkFilter",
@@ -29,3 +28,12 @@ __all__ = [
     "list_indexes",
     "read_manifest",
 ]
+
+
+def __getattr__(name: str):
+    # qdrant-client costs ~1 s to import: loaded when a Qdrant index is opened, or this name is asked for
+    if name == "QdrantBackend":
+        from .qdrant_backend import QdrantBackend
+
+        return QdrantBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,6 +59,7 @@ class VectorBackend(Protocol):
     Rows are never reused by ``Index``, so ``upsert`` only ever sees new rows in practice.
     """
 
+    kind: str  # "faiss" or "qdrant": what the index checks instead of isinstance (qdrant-client loads lazily)
     needs_rebuild: bool  # True when pending changes can only be applied by ``rebuild`` (HNSW delete, untrained IVF)
     standin: bool  # True while an exact index serves for a factory that cannot be trained yet (FAISS IVF/PQ)
 

@@ -49,8 +49,6 @@ from .faiss_backend import FaissBackend, default_params, new_faiss_index
 from .fusion import FUSIONS, RRF_K, dbsf, rrf
 from .lexical import BM25_B, BM25_K1, LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
 from .lock import WriterLock
-from .qdrant_backend import DIRNAME as QDRANT_DIR
-from .qdrant_backend import QdrantBackend
 from .store import DocStore, normalise_chunks, row_checksum
 
 log = logging.getLogger(__name__)
@@ -60,6 +58,7 @@ MANIFEST = "manifest.json"
 DOCS = "docs.sqlite"
 MARKER = ".rkit-index"  # written first into a folder rkit creates: proof that the folder's files are rkit's
 BACKENDS = ("faiss", "qdrant")
+QDRANT_DIR = "qdrant"  # = qdrant_backend.DIRNAME; that module (and qdrant-client, ~1 s) loads only for a Qdrant index
 # every name rkit may create in an index folder: the only ones it ever removes
 OWN_FILES = (DOCS, DOCS + "-journal", DOCS + "-wal", DOCS + "-shm", FAISS_FILE, FAISS_FILE + ".tmp",
              MANIFEST, MANIFEST + ".tmp")
@@ -97,7 +96,7 @@ class Index:
     def _set_avgdl(self) -> None:
         """Qdrant: the BM25 average chunk length its sparse values are written with (recorded with the first
         chunks; an index from before the lexical side takes its stored chunks' average)."""
-        if isinstance(self.backend, QdrantBackend):
+        if self.backend.kind == "qdrant":
             stored = self.store.get_meta("bm25_avgdl")
             avgdl = float(stored) if stored is not None else self.store.average_terms()
             self.backend.avgdl = (avgdl if avgdl is not None  # a store without the terms table: analyse its texts
@@ -187,7 +186,7 @@ class Index:
     def _check_backend(self) -> None:
         """Compare the backend's ids with the snapshot by checksum; repair (writer) or work around (reader)."""
         _, count, checksum = self._state
-        if not self.writable and isinstance(self.backend, QdrantBackend) and not self.backend.local:
+        if not self.writable and self.backend.kind == "qdrant" and not self.backend.local:
             # listing a server collection's ids costs a full scroll per search; a reader cannot repair it anyway,
             # so it trusts nothing it cannot see in its own snapshot (rows are never reused: a row it holds is
             # exactly the chunk the server's point was made from)
@@ -208,7 +207,7 @@ class Index:
         """Qdrant writer: when the true average chunk length has drifted more than AVGDL_DRIFT from the one the
         sparse values were written with (a build's first batch often differs: CACM's first 256 chunks average
         12 terms, the collection 35), rewrite them. So a fresh build scores exactly as bm25s does."""
-        if not isinstance(self.backend, QdrantBackend) or not self.backend.lexical:
+        if self.backend.kind != "qdrant" or not self.backend.lexical:
             return
         recorded, true = self.backend.avgdl, self.store.average_terms()
         if true is None or (recorded and abs(true - recorded) <= AVGDL_DRIFT * recorded):
@@ -341,7 +340,7 @@ class Index:
             return [[] for _ in range(nq)]
         asked = int(k) + (SERVER_OVERFETCH if self._filter else 0)
         depth = max(int(depth), asked)
-        qdrant = isinstance(self.backend, QdrantBackend)
+        qdrant = self.backend.kind == "qdrant"
         if qdrant and not self.backend.lexical and any(s.lexical for s in signals):
             raise IndexError_(f"{self.label}: its Qdrant collection was made before rkit kept a lexical side "
                               f"(BM25); {_way_out(self.folder)}")
@@ -359,7 +358,7 @@ class Index:
     def _search_one(self, signal: Signal, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if not signal.lexical:
             return self.backend.search(signal.vectors, k, allowed)
-        if isinstance(self.backend, QdrantBackend):
+        if self.backend.kind == "qdrant":
             return self.backend.search_lexical(signal.texts, k, allowed)
         return self._lexical().search(query_terms(signal.texts), k, allowed)
 
@@ -401,7 +400,7 @@ class Index:
 
     def _lexical_info(self) -> dict:
         """What the BM25 side is and holds (``chunks`` equals the chunk count when it is in step)."""
-        if not isinstance(self.backend, QdrantBackend):
+        if self.backend.kind != "qdrant":
             side = self._lexical()
             return {"engine": "bm25s", "chunks": int(len(side.rows)), "k1": BM25_K1, "b": BM25_B}
         if not self.backend.lexical:
@@ -490,7 +489,7 @@ class Index:
         another state, the BM25 side loaded), so a server can do it off its serving thread before swapping in."""
         self._check_open()
         self._ensure_synced()
-        if not isinstance(self.backend, QdrantBackend):
+        if self.backend.kind != "qdrant":
             self._lexical()
 
     def _ensure_synced(self) -> None:
@@ -516,7 +515,7 @@ class Index:
         self._ensure_synced()
         self._reweight_bm25()
         self.backend.save()
-        if not isinstance(self.backend, QdrantBackend):
+        if self.backend.kind != "qdrant":
             before = self._saved_bm25().state
             if self._lexical().state != before or not (self.folder / LEXICAL_DIR).is_dir():  # rebuilt: changed
                 self._bm25.save()
@@ -837,6 +836,8 @@ def _open_backend(folder: Path, manifest: dict, label: str, timeout: float, *, c
                             params=manifest.get("faiss_params"), label=label, create=create)
     qdrant = manifest.get("qdrant") or {}
     url = qdrant.get("url")
+    from .qdrant_backend import QdrantBackend
+
     return QdrantBackend(int(manifest["dim"]), qdrant.get("collection") or manifest["name"],
                          folder=None if url else folder, url=url, label=label, create=create, timeout=timeout,
                          memory=reader and not url)

@@ -97,6 +97,8 @@ def _apply_params(index: faiss.Index, params: dict) -> None:
 
 
 class FaissBackend:
+    kind = "faiss"
+
     def __init__(self, folder: Path, dim: int, factory: str, *, params: dict | None = None,
                  label: str = "index", create: bool = False):
         self.path = Path(folder) / FILENAME

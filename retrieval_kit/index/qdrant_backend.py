@@ -31,7 +31,7 @@ from ..errors import IndexError_
 from .base import Batch, Signal, chunked, empty_result, one_line
 from .lexical import average_length, query_terms, sparse_document, sparse_query
 
-DIRNAME = "qdrant"
+DIRNAME = "qdrant"  # core.QDRANT_DIR says the same without importing this module
 BATCH = 256  # points per upsert request: keeps requests small for a server
 SCROLL = 4096  # ids per page when listing what a collection holds
 SPARSE = "bm25"  # the sparse vector's name; the dense one is the collection's unnamed default
@@ -99,6 +99,8 @@ def _locked(lock_file: Path) -> bool:
 
 
 class QdrantBackend:
+    kind = "qdrant"
+
     def __init__(self, dim: int, collection: str, *, folder: Path | None = None, url: str | None = None,
                  label: str = "index", create: bool = False, timeout: float = 10, memory: bool = False):
         self.dim, self.collection, self.url, self.label = dim, collection, url, label

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,15 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelError
+from ..modes import DOC_MODES, QUERY_MODES
 from .backbone import DEFAULT_BACKBONE, load_backbone, pick_device
 from .generation import format_chat, generate_batch, length_sorted_batches, tokenize_prompts, truncate_tokens
 from .teacher import DEFAULT_TEACHER, load_teacher, teacher_fingerprint
 
 CONFIG_NAME = "config.json"
+# a deferred model is loaded under this lock (a server's search and explain threads may both ask first); one for
+# the module, not one per encoder, so an encoder stays deep-copyable
+_LOAD_LOCK = threading.Lock()
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_VERSION = 1
-QUERY_MODES = ("generative", "teacher", "fused")
-DOC_MODES = ("teacher", "generative")
 
 
 @dataclass
@@ -76,23 +79,42 @@ def _align_head(kind: str, hidden: int, dim: int) -> nn.Module:
 
 
 class GenerativeEncoder(nn.Module):
-    def __init__(self, config: EncoderConfig, backbone, tokenizer, teacher=None):
+    """The adapter plus its frozen models.
+
+    Built with ``backbone`` and ``teacher`` given (a fresh adapter is initialised from the backbone), or, for a
+    saved adapter, with loaders instead (``deferred``): a model is then loaded the first time something reads
+    ``encoder.backbone`` / ``encoder.tokenizer`` / ``encoder.teacher``. A teacher-mode or hybrid-lexical search never
+    touches the backbone, a bm25 one neither model, so neither pays for loading them (issue: performance).
+    """
+
+    _LAZY = {"backbone": "_backbone_loader", "tokenizer": "_backbone_loader", "teacher": "_teacher_loader"}
+
+    def __init__(self, config: EncoderConfig, backbone, tokenizer, teacher=None, *, loaders: dict | None = None):
         super().__init__()
         self.config = config
-        self.backbone = backbone
-        self.tokenizer = tokenizer
-        self.teacher = teacher
-        hidden = backbone.config.hidden_size
-        config.hidden_size = hidden
-        if teacher is not None:
-            config.embed_dim = teacher_dim(teacher)
+        if loaders:  # a saved adapter: shapes come from its config, weights from its file, models on demand
+            if not config.hidden_size or not config.embed_dim:
+                raise ModelError("a deferred encoder needs hidden_size and embed_dim in its config")
+            hidden = config.hidden_size
+            self._backbone_loader = loaders["backbone"]
+            self._teacher_loader = loaders.get("teacher")
+            if self._teacher_loader is None:
+                self.teacher = None
+            self.special = nn.Parameter(torch.zeros(config.n_thought + config.n_compress, hidden))
+        else:
+            self._attach_backbone(backbone, tokenizer)
+            self.teacher = teacher
+            hidden = backbone.config.hidden_size
+            config.hidden_size = hidden
+            if teacher is not None:
+                config.embed_dim = teacher_dim(teacher)
+            # special tokens start as copies of random vocabulary rows: in-distribution inputs for the frozen model
+            vocab = backbone.get_input_embeddings().weight
+            gen = torch.Generator().manual_seed(config.init_seed)
+            rows = torch.randint(0, vocab.shape[0], (config.n_thought + config.n_compress,), generator=gen)
+            self.special = nn.Parameter(vocab.detach()[rows.to(vocab.device)].float().cpu().clone())
         if not config.embed_dim:
             raise ModelError("embed_dim unknown: load a teacher or give it in the config")
-        # special tokens start as copies of random vocabulary rows: in-distribution inputs for the frozen model
-        vocab = backbone.get_input_embeddings().weight
-        gen = torch.Generator().manual_seed(config.init_seed)
-        rows = torch.randint(0, vocab.shape[0], (config.n_thought + config.n_compress,), generator=gen)
-        self.special = nn.Parameter(vocab.detach()[rows.to(vocab.device)].float().cpu().clone())
         with torch.random.fork_rng(devices=[]):  # same seed, same fresh adapter (and fingerprint), every time
             torch.manual_seed(config.init_seed)
             self.recon_proj = nn.Linear(hidden, hidden)
@@ -102,11 +124,48 @@ class GenerativeEncoder(nn.Module):
                 nn.init.zeros_(self.anchor_proj.weight)
                 nn.init.zeros_(self.anchor_proj.bias)
                 self.anchor_proj.requires_grad_(False)  # closed-form fit after the loop, never by the optimiser
+        if loaders:
+            self.to(pick_device(loaders.get("device")))
+            return
         with torch.no_grad():  # scaled identity: the soft prompt starts as the states, at input-embedding scale
             self.recon_proj.weight.copy_(torch.eye(hidden) * _state_to_embedding_scale(backbone, tokenizer))
             self.recon_proj.bias.zero_()
         self.to(backbone.device)
-        self.backbone.requires_grad_(False)
+
+    # ---- models loaded on first use ---------------------------------------------------------------
+    def __getattr__(self, name: str):
+        loader_name = GenerativeEncoder._LAZY.get(name)
+        if loader_name is not None and self.__dict__.get(loader_name) is not None:
+            with _LOAD_LOCK:
+                loader = self.__dict__.get(loader_name)
+                if loader is not None:  # not loaded by another thread meanwhile
+                    if loader_name == "_backbone_loader":
+                        self._attach_backbone(*loader(self.device))
+                    else:
+                        self._attach_teacher(loader(self.device))
+                    self.__dict__[loader_name] = None
+            return getattr(self, name)
+        return super().__getattr__(name)
+
+    def _attach_backbone(self, backbone, tokenizer) -> None:
+        hidden = self.config.hidden_size
+        if hidden and backbone.config.hidden_size != hidden:
+            raise ModelError(f"adapter was trained for hidden size {hidden}, backbone '{self.config.backbone}' has "
+                             f"{backbone.config.hidden_size}")
+        backbone.requires_grad_(False)
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+
+    def _attach_teacher(self, teacher) -> None:
+        if teacher_dim(teacher) != self.config.embed_dim:
+            raise ModelError(f"adapter was trained for a {self.config.embed_dim}-d teacher, '{self.config.teacher}' "
+                             f"gives {teacher_dim(teacher)}-d vectors")
+        self.teacher = teacher
+
+    def loaded(self) -> dict[str, bool]:
+        """Which frozen models are in memory (a deferred encoder loads each on first use)."""
+        return {"backbone": self.__dict__.get("_backbone_loader") is None,
+                "teacher": self.__dict__.get("_teacher_loader") is None}
 
     # ---- trainable-part bookkeeping -------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -230,14 +289,25 @@ class GenerativeEncoder(nn.Module):
         return results
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
-        """Generative embeddings, float32, L2-normalised, shape (n, embed_dim)."""
+    def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False,
+               with_soft_prompts: bool = False):
+        """Generative embeddings, float32, L2-normalised, shape (n, embed_dim).
+
+        ``with_soft_prompts``: (embeddings, soft prompts (n, C, hidden) float32), what ``decode`` reads back, so a
+        search that is also explained runs the backbone over each query once, not once to search and once to decode.
+        """
         def run(batch):
-            emb = self(**self.tokenize_queries(batch))["embedding"]
-            return F.normalize(emb, dim=-1).cpu().numpy()
+            out = self(**self.tokenize_queries(batch))
+            emb = F.normalize(out["embedding"], dim=-1).cpu().numpy()
+            soft = out["soft_prompt"].float().cpu().numpy() if with_soft_prompts else [None] * len(emb)
+            return list(zip(emb, soft))
 
         rows = self._map_batches(texts, batch_size, run, "encoding queries", show_progress)
-        return _stack(rows, self.config.embed_dim)
+        embeddings = _stack([e for e, _ in rows], self.config.embed_dim)
+        if not with_soft_prompts:
+            return embeddings
+        shape = (0, self.config.n_compress, self.config.hidden_size)
+        return embeddings, (np.stack([s for _, s in rows]) if rows else np.zeros(shape, dtype=np.float32))
 
     @torch.no_grad()
     def encode_teacher(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
@@ -261,9 +331,12 @@ class GenerativeEncoder(nn.Module):
         return self.encode_query_modes(texts, [mode], fuse_weight, batch_size, show_progress)[mode]
 
     def encode_query_modes(self, texts: Sequence[str], modes: Sequence[str], fuse_weight: float | None = None,
-                           batch_size: int = 32, show_progress: bool = False) -> dict[str, np.ndarray]:
+                           batch_size: int = 32, show_progress: bool = False,
+                           soft_prompts: bool = False) -> dict[str, np.ndarray]:
         """Vectors for several query modes at once, each model pass run once (hybrid search wants teacher and
-        fused: fused reuses the teacher vectors instead of encoding the queries a second time)."""
+        fused: fused reuses the teacher vectors instead of encoding the queries a second time).
+
+        ``soft_prompts``: also return them under "soft_prompt" when a mode ran the backbone (for ``decode``)."""
         unknown = [m for m in modes if m not in QUERY_MODES]
         if unknown:
             raise InputError(f"unknown query mode '{unknown[0]}' (use {', '.join(QUERY_MODES)})")
@@ -274,10 +347,13 @@ class GenerativeEncoder(nn.Module):
         if "teacher" in modes or "fused" in modes:
             out["teacher"] = self.encode_teacher(texts, batch_size, show_progress)
         if "generative" in modes or "fused" in modes:
-            out["generative"] = self.encode(texts, batch_size, show_progress)
+            if soft_prompts:
+                out["generative"], out["soft_prompt"] = self.encode(texts, batch_size, show_progress, True)
+            else:
+                out["generative"] = self.encode(texts, batch_size, show_progress)
         if "fused" in modes:
             out["fused"] = fuse_queries(out["generative"], self.anchor_queries(out["teacher"]), weight)
-        return {m: out[m] for m in modes}
+        return {m: out[m] for m in (*modes, "soft_prompt") if m in out}
 
     @torch.no_grad()
     def anchor_queries(self, teacher_vecs: np.ndarray) -> np.ndarray:
@@ -297,19 +373,29 @@ class GenerativeEncoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, texts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 16,
-               show_progress: bool = False) -> list[str]:
-        """Read the generative embedding back as text: the soft prompt continued greedily by the frozen backbone."""
+               show_progress: bool = False, soft_prompts: np.ndarray | None = None) -> list[str]:
+        """Read the generative embedding back as text: the soft prompt continued greedily by the frozen backbone
+        (KV-cached generation). ``soft_prompts`` (from ``encode(..., with_soft_prompts=True)``, one per text):
+        decode those instead of encoding the texts again."""
+        if soft_prompts is None:
+            def run(batch):
+                return self._continue(self(**self.tokenize_queries(batch))["soft_prompt"], max_new_tokens)
+
+            return self._map_batches(texts, batch_size, run, "decoding", show_progress)
+        soft = torch.as_tensor(soft_prompts, device=self.device)
+        if len(soft) != len(_check_texts(texts)):
+            raise InputError(f"{len(soft)} soft prompts for {len(_check_texts(texts))} texts")
+        return [text for start in range(0, len(soft), batch_size)
+                for text in self._continue(soft[start : start + batch_size], max_new_tokens)]
+
+    def _continue(self, soft: torch.Tensor, max_new_tokens: int) -> list[str]:
+        """Greedy continuation of a batch of soft prompts (all the same length: no padding) by the backbone."""
         tok = self.tokenizer
-
-        def run(batch):
-            soft = self(**self.tokenize_queries(batch))["soft_prompt"]
-            dtype = self.backbone.get_input_embeddings().weight.dtype
-            mask = torch.ones(soft.shape[:2], dtype=torch.long, device=self.device)
-            out = self.backbone.generate(inputs_embeds=soft.to(dtype), attention_mask=mask, max_new_tokens=max_new_tokens,
-                                         do_sample=False, pad_token_id=tok.pad_token_id)
-            return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
-
-        return self._map_batches(texts, batch_size, run, "decoding", show_progress)
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        mask = torch.ones(soft.shape[:2], dtype=torch.long, device=self.device)
+        out = self.backbone.generate(inputs_embeds=soft.to(dtype), attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_token_id)
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     def generate(self, texts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
                  show_progress: bool = False, **kwargs) -> list[str]:
@@ -374,10 +460,17 @@ def load_adapter(folder: str | Path, device=None, with_teacher: bool = True) -> 
 
     folder = Path(folder)
     config = read_adapter_config(folder)
-    encoder = build_encoder(config, device, with_teacher)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelError(f"{folder}: missing {WEIGHTS_NAME}")
+    if config.hidden_size and config.embed_dim:  # every adapter the trainer writes: models load on first use
+        device = str(pick_device(str(device) if device is not None else None))
+        loaders = {"device": device,
+                   "backbone": lambda where: load_backbone(config.backbone, where),
+                   "teacher": (lambda where: load_teacher(config.teacher, where)) if with_teacher else None}
+        encoder = GenerativeEncoder(config, None, None, loaders=loaders)
+    else:
+        encoder = build_encoder(config, device, with_teacher)
     try:
         state = load_file(str(weights))
         missing, unexpected = encoder.load_state_dict(state, strict=False)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import IndexError_, IndexLockedError, IndexMismatchError, InputError, RkitError
 from ..index import ChunkFilter
-from ..models import QUERY_MODES
+from ..modes import QUERY_MODES
 from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, SearchResult, hit_dict
 from .searcher import Searcher
 

@@ -1,0 +1,124 @@
+"""Models load when a search needs them, not before (issue: performance).
+
+A saved adapter loads its backbone and teacher on first use: a teacher-mode or BM25 search never pays for the
+backbone, a bad flag or a missing path is reported before torch is even imported, and an explained search runs
+the backbone's encode pass once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from retrieval_kit.models import build_encoder, load_encoder, read_adapter_config
+from retrieval_kit.paths import DEFAULT_ADAPTER, SAMPLE_CORPUS
+
+QUERIES = ["how do I rotate the API keys?", "which license allows commercial use?"]
+
+
+@pytest.fixture(scope="module")
+def eager():
+    """The shipped adapter built the old way: backbone and teacher loaded first, then the weights."""
+    from safetensors.torch import load_file
+
+    encoder = build_encoder(read_adapter_config(DEFAULT_ADAPTER), device="cpu")
+    encoder.load_state_dict(load_file(str(DEFAULT_ADAPTER / "adapter.safetensors")), strict=False)
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory, encoder):
+    from retrieval_kit.indexer import IndexSettings, index_corpus
+
+    folder = tmp_path_factory.mktemp("lazy") / "sample"
+    index_corpus(SAMPLE_CORPUS, folder, lambda: encoder, "default", IndexSettings())
+    return folder
+
+
+def test_a_saved_adapter_loads_no_model_until_one_is_needed(eager):
+    lazy = load_encoder(device="cpu")
+    assert lazy.loaded() == {"backbone": False, "teacher": False}
+    assert lazy.fingerprint == eager.fingerprint  # the adapter's identity needs no model
+    assert lazy.doc_fingerprint("teacher") == eager.doc_fingerprint("teacher")
+    assert lazy.describe()["dim"] == 384 and lazy.loaded()["teacher"] is False
+
+    teacher = lazy.encode_queries(QUERIES, "teacher")
+    assert lazy.loaded() == {"backbone": False, "teacher": True}
+    np.testing.assert_allclose(teacher, eager.encode_queries(QUERIES, "teacher"), atol=1e-6)
+
+    fused = lazy.encode_queries(QUERIES, "fused")
+    assert lazy.loaded() == {"backbone": True, "teacher": True}
+    np.testing.assert_allclose(fused, eager.encode_queries(QUERIES, "fused"), atol=1e-5)
+    assert lazy.decode(QUERIES[:1], max_new_tokens=6) == eager.decode(QUERIES[:1], max_new_tokens=6)
+
+
+def test_a_teacher_or_bm25_search_never_loads_the_backbone(sample_index):
+    from retrieval_kit.search import Retriever
+
+    with Retriever.attach(sample_index, load_encoder(device="cpu")) as retriever:
+        hits = retriever.search(QUERIES, k=3, query_mode="bm25")
+        assert hits[0].hits and retriever.encoder.loaded() == {"backbone": False, "teacher": False}
+        retriever.search(QUERIES, k=3, query_mode="teacher")
+        assert retriever.encoder.loaded() == {"backbone": False, "teacher": True}
+        retriever.search(QUERIES, k=3, query_mode="hybrid", hybrid=_lexical_hybrid())
+        assert retriever.encoder.loaded()["backbone"] is False
+        retriever.search(QUERIES, k=3, query_mode="hybrid")  # the default recipe carries the generative vector
+        assert retriever.encoder.loaded()["backbone"] is True
+
+
+def _lexical_hybrid():
+    from retrieval_kit.search import HybridRecipe
+
+    return HybridRecipe.parse("bm25=1,teacher=1")
+
+
+def test_an_explained_search_encodes_each_query_once(sample_index, monkeypatch):
+    from retrieval_kit.search import Retriever
+
+    with Retriever.attach(sample_index, load_encoder(device="cpu")) as retriever:
+        encoder = retriever.encoder
+        passes = []
+        real = encoder.compress_states
+        monkeypatch.setattr(encoder, "compress_states", lambda *a, **k: passes.append(1) or real(*a, **k))
+        fused = retriever.search(QUERIES, k=3, query_mode="fused", explain=True, explain_tokens=6)
+        assert len(passes) == 1  # one batch, one encode pass: the decode reads the search's soft prompts
+        # same text as decoding from scratch
+        assert [r.explanation for r in fused] == encoder.decode(QUERIES, max_new_tokens=6)
+        passes.clear()
+        retriever.search(QUERIES, k=3, query_mode="teacher", explain=True, explain_tokens=6)
+        assert len(passes) == 1  # the teacher search made no soft prompt: the decode encodes once
+
+
+BAD_INPUT = r"""
+import json, sys
+from typer.testing import CliRunner
+from rkit_cli.main import app
+cases = {
+    "missing corpus": ["index", "/no/such/folder", "--name", "x"],
+    "empty corpus": ["index", sys.argv[1], "--name", "x"],
+    "bad name": ["index", sys.argv[1], "--name", "../escape"],
+    "missing index": ["search", "q", "--index", "nope"],
+    "bad k": ["search", "q", "--index", "nope", "-k", "0"],
+    "bad mode": ["search", "q", "--index", "nope", "--query-mode", "magic"],
+    "bad signals": ["search", "q", "--index", "nope", "--signals", "bm25=x"],
+}
+codes = {name: CliRunner().invoke(app, args).exit_code for name, args in cases.items()}
+print(json.dumps({"codes": codes, "loaded": sorted(m for m in ("torch", "transformers", "sentence_transformers",
+                                                               "qdrant_client") if m in sys.modules)}))
+"""
+
+
+def test_bad_input_is_reported_before_any_model_stack_is_imported(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-c", BAD_INPUT, str(empty)], capture_output=True, text=True,
+                         cwd=tmp_path, env={"RKIT_INDEX_HOME": str(tmp_path / "indexes"), "PATH": "/usr/bin:/bin"},
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(code == 2 for code in report["codes"].values()), report
+    assert report["loaded"] == [], report  # nothing heavy imported to say the input is wrong
