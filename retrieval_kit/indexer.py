@@ -305,7 +305,11 @@ def _embed_and_write(index: Index, encoder: GenerativeEncoder, changed: list[Doc
     total = len(chunks)
     done = pending_chunks = 0
     pending: list[Document] = []
-    for doc in changed:
+    # documents of like chunk length flushed together: the encoder pads each batch to its longest text, and a
+    # flush of mixed lengths embedded 2,000 one-chunk documents in 28 s instead of 21 s (benchmarks/perf, indexing)
+    mean_chars = {d.doc_id: sum(len(c.text) for c in by_doc.get(d.doc_id, [])) / max(1, len(by_doc.get(d.doc_id, [])))
+                  for d in changed}
+    for doc in sorted(changed, key=lambda d: -mean_chars[d.doc_id]):
         pending.append(doc)
         pending_chunks += len(by_doc.get(doc.doc_id, []))
         if pending_chunks >= EMBED_BATCH_CHUNKS:

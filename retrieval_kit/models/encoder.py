@@ -16,6 +16,7 @@ backward per query instead of the whole prompt.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -229,9 +230,18 @@ class GenerativeEncoder(nn.Module):
     def compress_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the compression tokens, (B, C, H) in float32."""
         decoder = self.backbone.get_decoder()
+        kwarg = _cache_kwarg(decoder)
         with torch.no_grad():  # the prompt does not depend on trainable weights
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            prefix = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+            shared = self._shared_prefix(input_ids, attention_mask)
+            if shared is not None:  # the template's common opening is read from its cache: only the rest runs
+                past, n_shared, input_ids, rest_mask = shared
+                attention_mask = torch.cat([rest_mask.new_ones(len(rest_mask), n_shared), rest_mask], dim=-1)
+                positions = n_shared + (rest_mask.long().cumsum(-1) - 1).clamp(min=0)
+                prefix = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 **{kwarg: past}, use_cache=True)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                prefix = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
             cache = getattr(prefix, "cache", None) or prefix.past_key_values
         batch, n_special = input_ids.shape[0], self.special.shape[0]
         dtype = self.backbone.get_input_embeddings().weight.dtype
@@ -241,8 +251,53 @@ class GenerativeEncoder(nn.Module):
         suffix_pos = start + torch.arange(n_special, device=self.device)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n_special)], dim=-1)
         out = decoder(inputs_embeds=suffix, attention_mask=mask, position_ids=suffix_pos,
-                      **{_cache_kwarg(decoder): cache}, use_cache=False)
+                      **{kwarg: cache}, use_cache=False)
         return out.last_hidden_state[:, -self.config.n_compress :].float()
+
+    def _shared_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(cache of the opening every prompt shares, its length, the rest of each prompt, their mask) or None.
+
+        Every prompt opens with the same chat-template tokens (SmolLM2: a 24-token system turn and the user header,
+        about a third of a short query's prompt). They do not depend on the query nor on any trainable weight, so
+        their keys/values are computed once per encoder and reused; only each prompt's rest runs. Positions stay as
+        before (the rest continues at the shared length), so the states are the same up to float rounding
+        (tests/test_lazy_models.py compares). None (the full prompt runs) when a batch does not open with them.
+        """
+        opening = self._template_opening()
+        if opening is None:
+            return None
+        ids, cache = opening
+        n = len(ids)
+        lengths = attention_mask.long().sum(-1)
+        if bool((lengths <= n).any()):
+            return None
+        # left-padded: row i's real tokens are its last lengths[i] columns
+        cols = (input_ids.shape[1] - lengths)[:, None] + torch.arange(n, device=input_ids.device)
+        if not bool((input_ids.gather(1, cols) == ids).all()):
+            return None  # e.g. a tokenizer merged the opening's last token with the query's first
+        rest = int((lengths - n).max())
+        rest_mask = (torch.arange(rest, device=input_ids.device) >= (rest - (lengths - n))[:, None]).long()
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(len(input_ids))
+        return past, n, input_ids[:, -rest:], rest_mask
+
+    def _template_opening(self):
+        """(token ids every formatted query starts with, their KV cache at batch 1), computed once, or None."""
+        key = (self.config.system_prompt, str(self.device), self.backbone.dtype)
+        memo = self.__dict__.setdefault("_opening", {})
+        if key not in memo:
+            memo[key] = None
+            sentinel = "\x00query\x00"
+            prompt = format_chat(self.tokenizer, sentinel, self.config.system_prompt)
+            text = prompt[: prompt.index(sentinel)] if sentinel in prompt else ""
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0].to(self.device)
+            if len(ids) >= 2:
+                with torch.no_grad():
+                    out = self.backbone.get_decoder()(input_ids=ids[None], use_cache=True)
+                past = getattr(out, "cache", None) or out.past_key_values
+                if hasattr(past, "batch_repeat_interleave"):  # a transformers Cache (older tuples: no reuse)
+                    memo[key] = (ids, past)
+        return memo[key]
 
     def soft_prompt(self, states: torch.Tensor) -> torch.Tensor:
         return self.recon_proj(states)
@@ -258,16 +313,22 @@ class GenerativeEncoder(nn.Module):
     def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the frozen backbone reproducing the target tokens after the soft prompt.
 
-        Targets are right-padded; padded positions are ignored. Only response tokens are scored.
+        Targets are right-padded; padded positions are ignored. Only response tokens are scored, and only their
+        positions go through the LM head: the soft prompt's and the padding's logits (a third of a batch's
+        vocabulary-sized rows) were computed and thrown away before (benchmarks/perf, training stage).
         """
         embed = self.backbone.get_input_embeddings()
         dtype = embed.weight.dtype
         n_soft = soft_prompt.shape[1]
         inputs = torch.cat([soft_prompt.to(dtype), embed(target_ids)], dim=1)
         mask = torch.cat([target_mask.new_ones(target_mask.shape[0], n_soft), target_mask], dim=1)
-        logits = self.backbone(inputs_embeds=inputs, attention_mask=mask).logits[:, n_soft - 1 : -1]
-        labels = target_ids.masked_fill(target_mask == 0, -100)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        states = self.backbone.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        scored = target_mask.bool()
+        logits = self.backbone.get_output_embeddings()(states[:, n_soft - 1 : -1][scored]).float()
+        cap = getattr(self.backbone.config, "final_logit_softcapping", None)  # Gemma-style models cap their logits
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, target_ids[scored])
 
     # ---- inference API ----------------------------------------------------------------------------
     def _progress(self, total: int, description: str, show: bool):

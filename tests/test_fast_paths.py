@@ -1,4 +1,4 @@
-"""Models load when a search needs them, not before (issue: performance).
+"""The fast paths change no result (issue: performance): models load when a search needs them, not before.
 
 A saved adapter loads its backbone and teacher on first use: a teacher-mode or BM25 search never pays for the
 backbone, a bad flag or a missing path is reported before torch is even imported, and an explained search runs
@@ -122,3 +122,37 @@ def test_bad_input_is_reported_before_any_model_stack_is_imported(tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert all(code == 2 for code in report["codes"].values()), report
     assert report["loaded"] == [], report  # nothing heavy imported to say the input is wrong
+
+
+def test_the_shared_template_opening_is_computed_once_and_changes_no_vector(encoder, monkeypatch):
+    queries = QUERIES + ["a", "what is the CAP theorem and why does it matter for a database cluster under partition?"]
+    fast, fast_soft = encoder.encode(queries, batch_size=4, with_soft_prompts=True)
+    assert encoder._template_opening() is not None  # SmolLM2's template opens every prompt alike
+    monkeypatch.setattr(encoder, "_template_opening", lambda: None)  # the whole prompt runs, as before
+    full, full_soft = encoder.encode(queries, batch_size=4, with_soft_prompts=True)
+    np.testing.assert_allclose(fast, full, atol=2e-5)
+    np.testing.assert_allclose(fast_soft, full_soft, rtol=1e-3, atol=1e-3)
+
+
+def test_the_reconstruction_loss_scores_target_positions_only_and_equals_the_full_logits_loss(encoder):
+    import torch
+    import torch.nn.functional as F
+
+    from retrieval_kit.train.loop import tokenize_targets
+
+    soft = encoder(**encoder.tokenize_queries(QUERIES))["soft_prompt"]
+    targets = tokenize_targets(encoder.tokenizer, ["Rotate them monthly.", "The MIT license, and it is short."], 32,
+                               encoder.device)
+    fast = encoder.recon_loss(soft, targets["target_ids"], targets["target_mask"])
+    # reference: every position through the causal LM head, padding ignored by label -100
+    n = soft.shape[1]
+    inputs = torch.cat([soft, encoder.backbone.get_input_embeddings()(targets["target_ids"])], dim=1)
+    mask = torch.cat([targets["target_mask"].new_ones(2, n), targets["target_mask"]], dim=1)
+    logits = encoder.backbone(inputs_embeds=inputs, attention_mask=mask).logits[:, n - 1 : -1]
+    labels = targets["target_ids"].masked_fill(targets["target_mask"] == 0, -100)
+    full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    assert targets["target_mask"].sum() < targets["target_mask"].numel()  # the batch is padded: the case that matters
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    (grad_fast,) = torch.autograd.grad(fast, soft, retain_graph=True)
+    (grad_full,) = torch.autograd.grad(full, soft)
+    torch.testing.assert_close(grad_fast, grad_full, rtol=1e-4, atol=1e-6)

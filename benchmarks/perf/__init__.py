@@ -1,0 +1,1 @@
+"""The performance suite: one module per stage, shared helpers in common.py."""
