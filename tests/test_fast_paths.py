@@ -54,6 +54,8 @@ def test_a_saved_adapter_loads_no_model_until_one_is_needed(eager):
     assert lazy.loaded() == {"backbone": True, "teacher": True}
     np.testing.assert_allclose(fused, eager.encode_queries(QUERIES, "fused"), atol=1e-5)
     assert lazy.decode(QUERIES[:1], max_new_tokens=6) == eager.decode(QUERIES[:1], max_new_tokens=6)
+    # what a server does before it says it is ready
+    assert load_encoder(device="cpu").load_models().loaded() == {"backbone": True, "teacher": True}
 
 
 def test_a_teacher_or_bm25_search_never_loads_the_backbone(sample_index):

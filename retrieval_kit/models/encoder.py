@@ -163,6 +163,12 @@ class GenerativeEncoder(nn.Module):
                              f"gives {teacher_dim(teacher)}-d vectors")
         self.teacher = teacher
 
+    def load_models(self) -> "GenerativeEncoder":
+        """Load every deferred model now (a server, before it says it is ready); returns the encoder."""
+        for name in ("backbone", "teacher"):
+            getattr(self, name)  # the first read loads it
+        return self
+
     def loaded(self) -> dict[str, bool]:
         """Which frozen models are in memory (a deferred encoder loads each on first use)."""
         return {"backbone": self.__dict__.get("_backbone_loader") is None,

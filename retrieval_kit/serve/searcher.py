@@ -117,7 +117,9 @@ class Searcher:
 
         key = encoder_spec(index.manifest, self.adapter)
         if key not in loaded:
-            loaded[key] = load_encoder(key[0], backbone=key[1], teacher=key[2], device=self.device)
+            # a saved adapter loads its models on first use; a server loads both now, before /health says ready,
+            # so no request pays for it (any mode and the explanations may come)
+            loaded[key] = load_encoder(key[0], backbone=key[1], teacher=key[2], device=self.device).load_models()
         return loaded[key]
 
     def close(self) -> None:
