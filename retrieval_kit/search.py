@@ -208,22 +208,19 @@ class Retriever:
         return self.index.manifest["encoder"].get("query_mode", "teacher")
 
     def signals(self, queries: list[str], mode: str, fuse_weight: float | None,
-                hybrid: HybridRecipe = DEFAULT_HYBRID, soft_prompts: list | None = None) -> list[Signal]:
-        """The ranked lists a search in ``mode`` fuses (one for every mode but hybrid), with query vectors made.
-
-        ``soft_prompts``: a list that receives the queries' soft prompts when a signal ran the backbone (what an
-        explanation decodes), so an explained search encodes each query once."""
+                hybrid: HybridRecipe = DEFAULT_HYBRID, soft_prompts: bool = False):
+        """The ranked lists a search in ``mode`` fuses (one for every mode but hybrid), with query vectors made,
+        and the queries' soft prompts when ``soft_prompts`` and a signal ran the backbone (what an explanation
+        decodes, so an explained search encodes each query once), else None."""
         weights = dict(hybrid.weights) if mode == "hybrid" else {mode: 1.0}
         if not self.encoder.config.trained:  # no adapter: the student vector is noise, keep what is not
             weights = {n: w for n, w in weights.items() if n in ("bm25", "teacher")} or weights
         weights = {n: w for n, w in weights.items() if w > 0}
         dense = [n for n in weights if n != "bm25"]
-        keep = soft_prompts is not None
-        vectors = self.encoder.encode_query_modes(queries, dense, fuse_weight, soft_prompts=keep) if dense else {}
-        if keep and "soft_prompt" in vectors:
-            soft_prompts.append(vectors["soft_prompt"])
-        return [Signal(n, w, texts=queries) if n == "bm25" else Signal(n, w, vectors=vectors[n])
-                for n, w in weights.items()]
+        vectors = self.encoder.encode_query_modes(queries, dense, fuse_weight, soft_prompts=soft_prompts) if dense else {}
+        signals = [Signal(n, w, texts=queries) if n == "bm25" else Signal(n, w, vectors=vectors[n])
+                   for n, w in weights.items()]
+        return signals, vectors.get("soft_prompt")
 
     def search(self, queries: list[str], k: int = 10, query_mode: str | None = None, fuse_weight: float | None = None,
                explain: bool = False, explain_tokens: int = 64,
@@ -238,16 +235,14 @@ class Retriever:
             raise InputError(f"unknown query mode '{mode}' (use {', '.join(SEARCH_MODES)})")
         weight = self.index.manifest["encoder"].get("fuse_weight") if fuse_weight is None else fuse_weight
         t0 = time.perf_counter()
-        soft: list | None = [] if explain else None
-        signals = self.signals(queries, mode, weight, hybrid, soft)
+        signals, soft = self.signals(queries, mode, weight, hybrid, soft_prompts=explain)
         t1 = time.perf_counter()
         ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k, fusion=hybrid.fusion,
                                           where=where)
         t2 = time.perf_counter()
         explanations = [None] * len(queries)
         if explain:  # decodes the soft prompts the search made; a teacher/bm25 search has none, so encodes once here
-            explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens,
-                                               soft_prompts=soft[0] if soft else None)
+            explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens, soft_prompts=soft)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
         fingerprint = self.fingerprint if any(not s.lexical for s in signals) else ""

@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import Figure, check, stats
+from .common import RKIT, Figure, check, sample_index, stats
 
-RKIT = Path(sys.executable).with_name("rkit")
 QUERY = "how do I rotate the API keys?"
 BARE = '''import sys
 import faiss
@@ -39,14 +38,11 @@ def _wall(cmd: list[str], expect_ok: bool = True) -> float:
 
 def run(quick: bool, workdir: Path, log) -> list[Figure]:
     from retrieval_kit.models.teacher import resolve_teacher
-    from retrieval_kit.paths import SAMPLE_CORPUS
 
-    homes = workdir / "indexes"
     empty = workdir / "empty-folder"
     empty.mkdir(parents=True, exist_ok=True)
-    log("cold CLI: building the sample index")
-    subprocess.run([str(RKIT), "index", str(SAMPLE_CORPUS), "--name", "cold", "--index-dir", str(homes)],
-                   check=True, capture_output=True)
+    log("cold CLI: the sample index")
+    homes = sample_index(workdir).parent
     script = workdir / "bare_search.py"
     script.write_text(BARE)
     bare = [sys.executable, str(script), resolve_teacher("minilm"), str(homes / "cold" / "faiss.index"), QUERY]

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import gc
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
+
+RKIT = Path(sys.executable).with_name("rkit")  # the console script of the environment running the suite
 
 
 @dataclass
@@ -79,3 +84,14 @@ def check(value: float | None, target: str) -> bool | None:
     op, _, number = target.strip().partition(" ")
     bound = float(number.rstrip("×%ms "))
     return value >= bound if op in ("≥", ">=") else value <= bound
+
+
+def sample_index(workdir: Path) -> Path:
+    """The bundled sample corpus indexed (FAISS Flat) under ``workdir``, built by `rkit index` once."""
+    from retrieval_kit.paths import SAMPLE_CORPUS
+
+    folder = workdir / "indexes" / "cold"
+    if not (folder / "manifest.json").is_file():
+        subprocess.run([str(RKIT), "index", str(SAMPLE_CORPUS), "--name", "cold", "--index-dir", str(workdir / "indexes")],
+                       check=True, capture_output=True)
+    return folder

@@ -5,26 +5,11 @@ KV cache (what `--explain` runs: transformers' generate) against re-running the 
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from .common import Figure, check, timed
+from .common import Figure, check, sample_index, timed
 from .data import queries as pool_queries
 
 TOKENS = 64
-
-
-def sample_index(workdir: Path) -> Path:
-    """The sample corpus indexed under the workdir (stage 1 builds the same one)."""
-    import subprocess
-    import sys
-
-    from retrieval_kit.paths import SAMPLE_CORPUS
-
-    folder = workdir / "indexes" / "cold"
-    if not (folder / "manifest.json").is_file():
-        subprocess.run([str(Path(sys.executable).with_name("rkit")), "index", str(SAMPLE_CORPUS), "--name", "cold",
-                        "--index-dir", str(workdir / "indexes")], check=True, capture_output=True)
-    return folder
 
 
 def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:

@@ -10,9 +10,8 @@ matmul peak the encode reaches.
 
 from __future__ import annotations
 
-import time
 
-from .common import Figure, check, stats, timed
+from .common import Figure, check, timed
 from .data import queries as pool_queries
 
 

@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .common import Figure, check, stats
+from .common import RKIT, Figure, check, stats
 from .data import corpus_texts
 
-RKIT = Path(sys.executable).with_name("rkit")
 BARE = '''import json, sys, time
 from sentence_transformers import SentenceTransformer
 

@@ -53,6 +53,10 @@ class ChunkFilter:
         return bool(self.source_prefix or self.file_type)
 
 
+# the embedded Qdrant folder inside an index folder (here, so the index need not import qdrant-client to name it)
+QDRANT_DIR = "qdrant"
+
+
 class VectorBackend(Protocol):
     """Vectors and integer row ids only; the doc store keeps everything else.
 

@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import IndexError_, IndexMismatchError, InputError
-from .base import ChunkFilter, Hit, Signal, VectorBackend, one_line
+from .base import QDRANT_DIR, ChunkFilter, Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
 from .fusion import FUSIONS, RRF_K, dbsf, rrf
@@ -58,7 +58,6 @@ MANIFEST = "manifest.json"
 DOCS = "docs.sqlite"
 MARKER = ".rkit-index"  # written first into a folder rkit creates: proof that the folder's files are rkit's
 BACKENDS = ("faiss", "qdrant")
-QDRANT_DIR = "qdrant"  # = qdrant_backend.DIRNAME; that module (and qdrant-client, ~1 s) loads only for a Qdrant index
 # every name rkit may create in an index folder: the only ones it ever removes
 OWN_FILES = (DOCS, DOCS + "-journal", DOCS + "-wal", DOCS + "-shm", FAISS_FILE, FAISS_FILE + ".tmp",
              MANIFEST, MANIFEST + ".tmp")

@@ -28,10 +28,9 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import IndexError_
-from .base import Batch, Signal, chunked, empty_result, one_line
+from .base import QDRANT_DIR, Batch, Signal, chunked, empty_result, one_line
 from .lexical import average_length, query_terms, sparse_document, sparse_query
 
-DIRNAME = "qdrant"  # core.QDRANT_DIR says the same without importing this module
 BATCH = 256  # points per upsert request: keeps requests small for a server
 SCROLL = 4096  # ids per page when listing what a collection holds
 SPARSE = "bm25"  # the sparse vector's name; the dense one is the collection's unnamed default
@@ -65,7 +64,7 @@ def connect(*, folder: Path | None = None, url: str | None = None, label: str = 
         return client
     busy = IndexError_(f"{label}: Qdrant local storage is open in another process (local mode allows one); "
                        "close it or use a Qdrant server URL")
-    path = Path(folder) / DIRNAME
+    path = Path(folder) / QDRANT_DIR
     if _locked(path / ".lock"):  # checked first: qdrant would load every point, then fail and leak the lock file
         raise busy
     try:
