@@ -136,20 +136,18 @@ def search_cmd(
             print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})
             return
         for result in results:
-            _print_result(result, info, retriever.encoder)
+            _print_result(result, info)
 
 
-def _print_result(result, info: dict, encoder) -> None:
-    from rich.markup import escape
+def _print_result(result, info: dict) -> None:
     from rich.table import Table
 
-    from retrieval_kit.search import explanation, snippet
+    from retrieval_kit.search import snippet
 
     state = "trained adapter" if info["trained"] else "UNTRAINED stand-in adapter"
     console.print(f"\n[bold]{result.query}[/]  [dim]query mode: {result.query_mode} · {state} {info['fingerprint']}[/]")
-    if result.explanation is not None:  # with the faithfulness note the server shows too (search.explanation)
-        told = explanation(encoder, result.explanation, result.query_mode)
-        console.print(f"[italic]explanation:[/] {told['text'] or '∅'} [dim]({escape(told['note'])})[/]", highlight=False)
+    if result.told is not None:  # with the faithfulness note and lenses the server shows too (search.explanation)
+        _print_explanation(result.told, brief=True)
     if not result.hits:
         console.print("no hits" + (" (no chunk shares a word with the query)" if result.query_mode == "bm25"
                                    else " (the index is empty)"))
@@ -165,6 +163,71 @@ def _print_result(result, info: dict, encoder) -> None:
         table.add_row(str(rank), f"{hit.score:.3f}", f"{hit.source}#{hit.chunk_id.rsplit('#', 1)[-1]}",
                       found, snippet(hit.text, 160))
     console.print(table)
+
+
+def _print_explanation(told: dict, brief: bool = False) -> None:
+    """An explanation (search.explanation): the decode with its faithfulness note, then the lenses."""
+    from rich.markup import escape
+
+    console.print(f"[italic]explanation:[/] {escape(told['text']) or '∅'} [dim]({escape(told['note'])})[/]", highlight=False)
+    lens = told.get("lens") or {}
+    if lens.get("words"):
+        words = ", ".join(f"{escape(w)} {p:.2f}" for w, p in lens["words"])
+        console.print(f"[italic]logit lens[/] [dim](the backbone's next-token guess at the compression tokens):[/] {words}",
+                      highlight=False)
+    if lens.get("latent"):
+        console.print("[italic]latent lens[/] [dim](nearest training-pool answers to the generative embedding):[/]")
+        for near in lens["latent"]:
+            console.print(f"  {near['cos']:.3f}  [dim]{escape(near['query'][:70])}[/] → {escape(near['answer'][:150])}",
+                          highlight=False)
+    elif lens and not brief:
+        console.print("[dim]latent lens: this adapter has no answer bank (rkit train writes one; for an older adapter: "
+                      "python -m retrieval_kit.train.bank --adapter DIR --queries FILE)[/]")
+    if lens.get("logit") and not brief:
+        from rich.table import Table
+
+        table = Table(title="logit lens per special token (t: thought, c: compression)", show_lines=False)
+        table.add_column("token", no_wrap=True)
+        table.add_column("top next tokens (probability)", overflow="fold")
+        for row in lens["logit"]:
+            table.add_row(row["position"], "  ".join(f"{escape(repr(t))} {p:.2f}" for t, p in row["top"]))
+        console.print(table)
+
+
+@app.command("explain")
+@guarded
+def explain_cmd(
+    query: list[str] = typer.Argument(..., help="One or more queries."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
+    tokens: int = typer.Option(48, "--tokens", min=1, max=512, help="Tokens to decode."),
+    top_k: int = typer.Option(5, "--top-k", min=1, max=50, help="Logit lens: tokens shown per position."),
+    answers: int = typer.Option(3, "--answers", min=0, max=50, help="Latent lens: nearest bank answers shown."),
+    device: Optional[str] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Read a query's generative embedding back: greedy decode (with how faithful this adapter's decodes are),
+    logit lens and latent lens. Needs no index."""
+    from retrieval_kit.errors import InputError
+    from retrieval_kit.search import adapter_path, explain_all
+
+    quiet_libraries()
+    queries = [q.strip() for q in query]
+    if not all(queries):
+        raise InputError("empty query")
+    folder, _ = adapter_path(adapter)  # checked before any model loads
+    if folder is not None and not (folder / "config.json").is_file():
+        raise InputError(f"--adapter {adapter}: not an adapter folder (no config.json)")
+    from retrieval_kit.models import load_encoder
+
+    encoder = load_encoder(folder if adapter is not None else None, device=device)
+    told = explain_all(encoder, queries, encoder.decode(queries, max_new_tokens=tokens), top_k=top_k, answers=answers)
+    info = encoder.describe()
+    if as_json:
+        print_json({"encoder": info, "results": [{"query": q, "explanation": t} for q, t in zip(queries, told)]})
+        return
+    for q, t in zip(queries, told):
+        console.print(f"\n[bold]{q}[/]  [dim]adapter {info['fingerprint']} · backbone {info['backbone']}[/]", highlight=False)
+        _print_explanation(t)
 
 
 @app.command("info")

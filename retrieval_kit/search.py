@@ -104,10 +104,11 @@ class SearchResult:
     query_encoder: str = ""  # fingerprint of the query encoder that made this search's vector
     explained_mode: str | None = None  # the explanation decodes the generative vector, whatever mode searched
     generation: int | None = None  # the index state (snapshot) the hits come from
+    told: dict | None = None  # the explanation as shown: text, whether it is trusted and why, lenses (explanation())
 
     def as_dict(self) -> dict:
         return {"query": self.query, "query_mode": self.query_mode, "query_encoder": self.query_encoder,
-                "explanation": self.explanation, "explained_vector": self.explained_mode,
+                "explanation": self.told, "explained_vector": self.explained_mode,
                 "timings": self.timings, "hits": [hit_dict(h) for h in self.hits]}
 
 
@@ -240,20 +241,31 @@ class Retriever:
         ranked = self.index.search_hybrid(signals, k=k, depth=hybrid.depth, rrf_k=hybrid.rrf_k, fusion=hybrid.fusion,
                                           where=where)
         t2 = time.perf_counter()
-        explanations = [None] * len(queries)
+        explanations, told = [None] * len(queries), [None] * len(queries)
         if explain:  # decodes the soft prompts the search made; a teacher/bm25 search has none, so encodes once here
             explanations = self.encoder.decode(queries, max_new_tokens=explain_tokens, soft_prompts=soft)
+            told = explain_all(self.encoder, queries, explanations, mode)
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
         fingerprint = self.fingerprint if any(not s.lexical for s in signals) else ""
         return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None,
-                             self.index.generation)
-                for q, hits, e in zip(queries, ranked, explanations)]
+                             self.index.generation, t)
+                for q, hits, e, t in zip(queries, ranked, explanations, told)]
 
 
-def explanation(encoder: GenerativeEncoder, text: str, query_mode: str = "generative") -> dict:
+def explain_all(encoder: GenerativeEncoder, queries: list[str], decoded: list[str], query_mode: str = "generative",
+                top_k: int = 5, answers: int = 3) -> list[dict]:
+    """explanation() for each query with its lenses (models/lens.py: one more backbone pass over the queries)."""
+    from .models.lens import lenses
+
+    lens = lenses(encoder, queries, top_k=top_k, answers=answers)
+    return [explanation(encoder, text, query_mode, item) for text, item in zip(decoded, lens)]
+
+
+def explanation(encoder: GenerativeEncoder, text: str, query_mode: str = "generative", lens: dict | None = None) -> dict:
     """A decoded query embedding with what a reader needs to trust it: shown only when the adapter's held-out
-    decodes are faithful (ROUGE-L ≥ FAITHFUL_ROUGE_L in its model card), else a note saying why not."""
+    decodes are faithful (ROUGE-L ≥ FAITHFUL_ROUGE_L in its model card), else a note saying why not. ``lens``: the
+    query's logit and latent lenses (models/lens.py), which need no faithful decode to be read."""
     info = encoder.describe()
     rouge = info.get("explain_rouge_l")
     text = " ".join(text.split())  # one paragraph: decoded text may be mostly newlines
@@ -268,7 +280,7 @@ def explanation(encoder: GenerativeEncoder, text: str, query_mode: str = "genera
         shown, note = True, f"held-out ROUGE-L {rouge:.2f} against the backbone's real answers"
     if query_mode != "generative":  # the decode reads the generative vector, not the one that searched
         note += f"; decoded from the generative embedding, the search used {query_mode}"
-    return {"text": text, "shown": shown, "note": note, "rouge_l": rouge, "decoded_from": "generative", "lens": None}
+    return {"text": text, "shown": shown, "note": note, "rouge_l": rouge, "decoded_from": "generative", "lens": lens}
 
 
 def open_index_info(name_or_path: str | Path, index_dir: str | Path | None = None) -> dict:

@@ -75,7 +75,9 @@ def test_index_and_search_sample_corpus(index_home, corpus, encoder):
     out = search_json("how do I rotate the API keys?", "--index", "kb", "-k", "3", "--explain")
     (result,) = out["results"]
     assert result["hits"][0]["doc_id"] == KEYS_DOC
-    assert result["explanation"], "explanation must be non-empty text"
+    told = result["explanation"]  # the explanation as the server sends it: text, trust note, lenses
+    assert told["text"] and told["note"] and told["decoded_from"] == "generative"
+    assert told["lens"]["words"] and len(told["lens"]["logit"]) == encoder.config.n_thought + encoder.config.n_compress
     # new indexes search hybrid by default; the top hit says which signals found it
     trained = encoder.config.trained
     assert result["query_mode"] == "hybrid"
@@ -85,6 +87,20 @@ def test_index_and_search_sample_corpus(index_home, corpus, encoder):
     # an adapter whose decodes are not yet faithful says so next to the explanation (its model card's ROUGE-L)
     rouge = encoder.describe()["explain_rouge_l"]
     assert ("not yet faithful" in " ".join(table.split())) == (trained and rouge is not None and rouge < 0.2)
+
+
+def test_explain_command_decodes_and_reads_the_lenses(encoder, tmp_path):
+    query = "which license allows commercial use without sharing source"
+    out = json.loads(ok("explain", query, "--tokens", "8", "--top-k", "3", "--answers", "2", "--json").stdout)
+    (result,) = out["results"]
+    told = result["explanation"]
+    assert result["query"] == query and told["text"] and told["decoded_from"] == "generative"
+    assert all(len(row["top"]) == 3 for row in told["lens"]["logit"])
+    assert told["lens"]["latent"] is None or len(told["lens"]["latent"]) == 2  # only with an answer bank
+    table = " ".join(ok("explain", query, "--tokens", "8").stdout.split())
+    assert "logit lens" in table and "c10" in table and "explanation:" in table
+    fails("explain", "  ", needle="empty query")
+    fails("explain", "q", "--adapter", tmp_path, needle="not an adapter folder")
 
 
 def test_search_filters_by_source_prefix_and_file_type(index_home, corpus):

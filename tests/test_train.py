@@ -97,7 +97,7 @@ def test_training_learns_and_changes_only_the_adapter(pool, tmp_path, fresh_enco
 
     # the adapter folder: weights, config with the figures, model card, loss curve; no leftover checkpoint
     assert {p.name for p in out.iterdir()} == {"adapter.safetensors", "config.json", "README.md", "loss.png",
-                                               "training_log.jsonl"}
+                                               "training_log.jsonl", "answer_bank.jsonl", "answer_bank.safetensors"}
     config = json.loads((out / "config.json").read_text())
     assert config["trained"] is True
     val = config["training"]["val"]
@@ -116,6 +116,16 @@ def test_training_learns_and_changes_only_the_adapter(pool, tmp_path, fresh_enco
     assert val["reconstruction"]["n"] == 1
     card = (out / "README.md").read_text()
     assert "baseline" in card and "trainable" in card and "CPU" in card
+    # the decode-faithfulness curve: a greedy decode of the held-out query at step 0 and at the end, in log and card
+    curve = [(r["step"], r["val_rouge_l"]) for r in read_log(out / "training_log.jsonl") if "val_rouge_l" in r]
+    assert [step for step, _ in curve] == [0, 6] and "Explanation faithfulness during training" in card
+    # the latent lens's bank: the training answers (never the held-out query), with their teacher vectors
+    from retrieval_kit.models.lens import load_answer_bank
+
+    bank = load_answer_bank(out)
+    assert sorted(bank.queries) == sorted(load_split(pool["queries"], val_size=1, limit=3).train)
+    assert held_out not in bank.queries and summary["answer_bank"] == 2
+    np.testing.assert_allclose(bank.vectors, encoder.encode_teacher(bank.answers), atol=2e-3)
     assert summary["data"] == {"file": str(pool["queries"]), "records": 3, "unique": 3, "train": 2, "val": 1,
                                "train_used": 2, "tune": 0}
 
@@ -245,6 +255,38 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
         assert code != 0, args
         assert len(lines) == 1 and expected in lines[0], (args, lines)
         assert "Traceback" not in lines[0]
+
+
+def test_chat_recon_format_trains_and_decodes_what_it_trained(pool, tmp_path):
+    """--recon-format chat: the backbone reads the soft prompt as its chat template's user turn, in training and in
+    every decode alike (a decode that read it differently would explain with what training never taught)."""
+    from retrieval_kit.models import EncoderConfig, build_encoder, load_adapter
+
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig(recon_format="chat"), device="cpu")
+    out = tmp_path / "chat"
+    train(tiny(pool, out, steps=6, lr=3e-3, ridge_init=False, recon_format="chat"), encoder=encoder, progress=False)
+    recon = [r["recon"] for r in read_log(out / "training_log.jsonl") if r.get("recon") is not None]
+    assert np.mean(recon[-2:]) < 0.8 * np.mean(recon[:2])
+    saved = load_adapter(out, device="cpu")
+    assert saved.config.recon_format == "chat"
+    # the decode is the backbone's greedy continuation of what recon_loss feeds it (template, soft prompt, assistant
+    # header): rebuilt here step by step without a KV cache
+    query = QUERIES[0]
+    with torch.no_grad():
+        soft = saved(**saved.tokenize_queries([query]))["soft_prompt"]
+        prefix = saved.recon_inputs(soft)
+        before, after = saved._chat_wrap()
+        assert prefix.shape[1] == before.shape[1] + saved.config.n_compress + after.shape[1] and after.shape[1] > 0
+        ids = []
+        for _ in range(4):
+            step = torch.cat([prefix, saved.backbone.get_input_embeddings()(torch.tensor([ids], dtype=torch.long))], 1)
+            ids.append(int(saved.backbone(inputs_embeds=step).logits[0, -1].argmax()))
+            if ids[-1] == saved.tokenizer.eos_token_id:  # where generate stops too
+                break
+    assert saved.decode([query], max_new_tokens=4)[0] == saved.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    with pytest.raises(TrainError, match="unknown --recon-format"):
+        tiny(pool, out, recon_format="xml").check()
 
 
 # ---- small pieces, no models -----------------------------------------------------------------------------

@@ -59,6 +59,11 @@ class EncoderConfig:
     fuse_weight: float = 0.5  # weight of the generative vector in fused mode (the trainer fits it on held-out data)
     query_mode: str | None = None  # the query mode the trainer found best on held-out data (None: decided by `trained`)
     system_prompt: str | None = None  # None: the backbone template's own default
+    # how the frozen backbone reads the soft prompt back (training's L_recon and every decode): "raw" — the soft
+    # prompt alone, then the answer (adapters before 2026-12); "chat" — the soft prompt as the user turn of the
+    # backbone's own chat template, then the assistant header, so the frozen model reads it as a question it
+    # already knows how to answer (issue 17: raw decodes scored ROUGE-L 0.07)
+    recon_format: str = "raw"
     max_query_tokens: int = 256
     init_seed: int = 0
     trained: bool = False  # False: a stand-in; search then defaults to teacher query embeddings
@@ -109,11 +114,17 @@ class GenerativeEncoder(nn.Module):
             config.hidden_size = hidden
             if teacher is not None:
                 config.embed_dim = teacher_dim(teacher)
-            # special tokens start as copies of random vocabulary rows: in-distribution inputs for the frozen model
-            vocab = backbone.get_input_embeddings().weight
+            # special tokens start as copies of random vocabulary rows: in-distribution inputs for the frozen model.
+            # Rows as the embedding module outputs them, since they are fed as inputs_embeds past it (Gemma scales
+            # by sqrt(hidden) inside it; a plain nn.Embedding gives the weight rows themselves), and only rows the
+            # tokenizer uses (Qwen pads its matrix with never-trained rows past the vocabulary)
+            embed = backbone.get_input_embeddings()
+            n_rows = min(embed.weight.shape[0], len(tokenizer))
             gen = torch.Generator().manual_seed(config.init_seed)
-            rows = torch.randint(0, vocab.shape[0], (config.n_thought + config.n_compress,), generator=gen)
-            self.special = nn.Parameter(vocab.detach()[rows.to(vocab.device)].float().cpu().clone())
+            rows = torch.randint(0, n_rows, (config.n_thought + config.n_compress,), generator=gen)
+            with torch.no_grad():
+                picked = embed(rows.to(embed.weight.device))
+            self.special = nn.Parameter(picked.float().cpu().clone())
         if not config.embed_dim:
             raise ModelError("embed_dim unknown: load a teacher or give it in the config")
         with torch.random.fork_rng(devices=[]):  # same seed, same fresh adapter (and fingerprint), every time
@@ -235,6 +246,11 @@ class GenerativeEncoder(nn.Module):
 
     def compress_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the compression tokens, (B, C, H) in float32."""
+        return self.special_states(input_ids, attention_mask)[:, -self.config.n_compress :]
+
+    def special_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of every special token, thought then compression, (B, T + C, H) in float32 (the
+        logit lens reads them all: models/lens.py)."""
         decoder = self.backbone.get_decoder()
         kwarg = _cache_kwarg(decoder)
         with torch.no_grad():  # the prompt does not depend on trainable weights
@@ -258,7 +274,7 @@ class GenerativeEncoder(nn.Module):
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n_special)], dim=-1)
         out = decoder(inputs_embeds=suffix, attention_mask=mask, position_ids=suffix_pos,
                       **{kwarg: cache}, use_cache=False)
-        return out.last_hidden_state[:, -self.config.n_compress :].float()
+        return out.last_hidden_state.float()
 
     def _shared_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(cache of the opening every prompt shares, its length, the rest of each prompt, their mask) or None.
@@ -316,6 +332,34 @@ class GenerativeEncoder(nn.Module):
         soft = self.soft_prompt(self.compress_states(input_ids, attention_mask))
         return {"soft_prompt": soft, "embedding": self.embed_states(soft)}
 
+    def recon_inputs(self, soft_prompt: torch.Tensor) -> torch.Tensor:
+        """What the frozen backbone reads before the answer it is to reproduce: the soft prompt, wrapped in the
+        chat template's user turn and assistant header when ``recon_format`` is "chat". (B, L, H), backbone dtype."""
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        soft = soft_prompt.to(dtype)
+        if self.config.recon_format == "raw":
+            return soft
+        before, after = (part.to(dtype).expand(len(soft), -1, -1) for part in self._chat_wrap())
+        return torch.cat([before, soft, after], dim=1)
+
+    def _chat_wrap(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings of the chat template around a user turn: (system turn + user header, end of turn +
+        assistant header), each (1, n, H), computed once per encoder."""
+        if self.config.recon_format != "chat":
+            raise ModelError(f"unknown recon_format '{self.config.recon_format}' (use raw or chat)")
+        key = (self.config.system_prompt, str(self.device))
+        memo = self.__dict__.setdefault("_wrap", {})
+        if key not in memo:
+            sentinel = "\x00soft\x00"
+            prompt = format_chat(self.tokenizer, sentinel, self.config.system_prompt)
+            before, after = prompt.split(sentinel, 1) if sentinel in prompt else ("", prompt)
+            embed = self.backbone.get_input_embeddings()
+            ids = [self.tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+                   for t in (before, after)]
+            with torch.no_grad():
+                memo[key] = tuple(embed(i).detach() for i in ids)
+        return memo[key]
+
     def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the frozen backbone reproducing the target tokens after the soft prompt.
 
@@ -324,13 +368,13 @@ class GenerativeEncoder(nn.Module):
         vocabulary-sized rows) were computed and thrown away before (benchmarks/perf, training stage).
         """
         embed = self.backbone.get_input_embeddings()
-        dtype = embed.weight.dtype
-        n_soft = soft_prompt.shape[1]
-        inputs = torch.cat([soft_prompt.to(dtype), embed(target_ids)], dim=1)
-        mask = torch.cat([target_mask.new_ones(target_mask.shape[0], n_soft), target_mask], dim=1)
+        prefix = self.recon_inputs(soft_prompt)
+        n_prefix = prefix.shape[1]
+        inputs = torch.cat([prefix, embed(target_ids)], dim=1)
+        mask = torch.cat([target_mask.new_ones(target_mask.shape[0], n_prefix), target_mask], dim=1)
         states = self.backbone.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         scored = target_mask.bool()
-        logits = self.backbone.get_output_embeddings()(states[:, n_soft - 1 : -1][scored]).float()
+        logits = self.backbone.get_output_embeddings()(states[:, n_prefix - 1 : -1][scored]).float()
         cap = getattr(self.backbone.config, "final_logit_softcapping", None)  # Gemma-style models cap their logits
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -377,14 +421,22 @@ class GenerativeEncoder(nn.Module):
         return embeddings, (np.stack([s for _, s in rows]) if rows else np.zeros(shape, dtype=np.float32))
 
     @torch.no_grad()
-    def encode_teacher(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+    def encode_teacher(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False,
+                       role: str = "document") -> np.ndarray:
+        """teacher(texts), unit rows. ``role``: "query" for queries, "document" for everything embedded as a text to
+        be found (documents, the backbone's answers, decodes). Teachers with prompts (EmbeddingGemma: "task: search
+        result | query: …" / "title: none | text: …") apply their own per role; MiniLM and mpnet have none, so both
+        roles give the same vectors there."""
         if self.teacher is None:
             raise ModelError("this encoder was loaded without a teacher")
+        if role not in ("query", "document"):
+            raise InputError(f"unknown teacher role '{role}' (use query or document)")
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.config.embed_dim), dtype=np.float32)
-        vecs = self.teacher.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                   convert_to_numpy=True, show_progress_bar=show_progress)
+        encode = self.teacher.encode_query if role == "query" else self.teacher.encode_document
+        vecs = encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                      convert_to_numpy=True, show_progress_bar=show_progress)
         return vecs.astype(np.float32)
 
     def encode_queries(self, texts: Sequence[str], mode: str = "generative", fuse_weight: float | None = None,
@@ -412,7 +464,7 @@ class GenerativeEncoder(nn.Module):
             raise InputError(f"fuse weight must be in [0, 1], got {weight}")
         out: dict[str, np.ndarray] = {}
         if "teacher" in modes or "fused" in modes:
-            out["teacher"] = self.encode_teacher(texts, batch_size, show_progress)
+            out["teacher"] = self.encode_teacher(texts, batch_size, show_progress, role="query")
         if "generative" in modes or "fused" in modes:
             if soft_prompts:
                 out["generative"], out["soft_prompt"] = self.encode(texts, batch_size, show_progress, True)
@@ -458,9 +510,9 @@ class GenerativeEncoder(nn.Module):
     def _continue(self, soft: torch.Tensor, max_new_tokens: int) -> list[str]:
         """Greedy continuation of a batch of soft prompts (all the same length: no padding) by the backbone."""
         tok = self.tokenizer
-        dtype = self.backbone.get_input_embeddings().weight.dtype
-        mask = torch.ones(soft.shape[:2], dtype=torch.long, device=self.device)
-        out = self.backbone.generate(inputs_embeds=soft.to(dtype), attention_mask=mask, max_new_tokens=max_new_tokens,
+        inputs = self.recon_inputs(soft)  # what training taught the backbone to continue
+        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=self.device)
+        out = self.backbone.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=False, pad_token_id=tok.pad_token_id)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
@@ -538,6 +590,7 @@ def load_adapter(folder: str | Path, device=None, with_teacher: bool = True) -> 
         encoder = GenerativeEncoder(config, None, None, loaders=loaders)
     else:
         encoder = build_encoder(config, device, with_teacher)
+    encoder.folder = folder  # where its answer bank lives (models/lens.py)
     try:
         state = load_file(str(weights))
         missing, unexpected = encoder.load_state_dict(state, strict=False)
@@ -555,11 +608,16 @@ def _state_to_embedding_scale(backbone, tokenizer) -> float:
 
     Final states come out of the last norm layer far larger than the token embeddings the backbone reads;
     fed back unscaled as a soft prompt they start L_recon worse than uniform guessing.
+    The embedding norm is that of what the embedding module outputs, the soft prompt's peers as inputs_embeds:
+    Gemma's module multiplies its rows by sqrt(hidden). Its factor is measured on the probe tokens (exactly 1 for a
+    plain nn.Embedding) rather than by running every row through it, a second copy of the whole matrix.
     """
-    vocab = backbone.get_input_embeddings().weight
+    embed = backbone.get_input_embeddings()
+    vocab = embed.weight
     ids = tokenizer("The answer is", return_tensors="pt", add_special_tokens=False)["input_ids"].to(vocab.device)
+    factor = embed(ids).float().norm(dim=-1).sum() / vocab[ids].float().norm(dim=-1).sum().clamp(min=1e-12)
     states = backbone.get_decoder()(input_ids=ids).last_hidden_state.float()
-    return float(vocab.float().norm(dim=-1).mean() / states.norm(dim=-1).mean().clamp(min=1e-6))
+    return float(vocab.float().norm(dim=-1).mean() * factor / states.norm(dim=-1).mean().clamp(min=1e-6))
 
 
 def _cache_kwarg(decoder) -> str:

@@ -138,7 +138,8 @@ class Explanation(BaseModel):
     note: str
     rouge_l: float | None = None
     decoded_from: str = "generative"
-    lens: list | None = None
+    # logit lens (per special token: top next tokens) and its summary words, latent lens (nearest bank answers)
+    lens: dict | None = None
 
 
 class SearchResponse(BaseModel):

@@ -29,7 +29,7 @@ from ..index import Index
 from ..index.base import ChunkFilter
 from ..index.core import committed_generation
 from ..index.lock import writer_active
-from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever, encoder_spec, explanation
+from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever, encoder_spec, explain_all
 
 log = logging.getLogger("rkit.serve")
 
@@ -154,12 +154,12 @@ class Searcher:
         return future
 
     def explain(self, index: str | None, queries: list[str], tokens: int, mode: str = "generative") -> Future:
-        """A future of one explanation dict per query (decoded as one batch on the explain thread, never
-        blocking searches); ``mode``: the query mode that searched, which the explanation's note names."""
+        """A future of one explanation dict per query, lenses included (decoded as one batch on the explain thread,
+        never blocking searches); ``mode``: the query mode that searched, which the explanation's note names."""
         served = self.served[self.check_index(index)]
         encoder = served.retriever.encoder
         return self._explainer.submit(
-            lambda: [explanation(encoder, text, mode) for text in encoder.decode(queries, max_new_tokens=tokens)])
+            lambda: explain_all(encoder, queries, encoder.decode(queries, max_new_tokens=tokens), mode))
 
     def check_index(self, name: str | None) -> str:
         name = name or self.default

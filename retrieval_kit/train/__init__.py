@@ -25,7 +25,8 @@ from ..errors import TrainError
 from ..paths import rkit_home
 from .data import QuerySplit, load_split
 from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
-from .report import TrainingLog, model_card, machine_info, parameter_counts, plot_losses, read_log, validation_figures
+from .report import (TrainingLog, decode_curve, machine_info, model_card, parameter_counts, plot_losses, read_log,
+                     validation_figures)
 from .responses import GenerationConfig, generate_responses
 from .ridge import fit_head, fit_query_anchor, mean_cos
 from .targets import embed_texts, target_cache
@@ -108,7 +109,15 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
     encoder.config.trained = True
     encoder.config.training = _training_record(summary)
     encoder.save(out)
-    plot_losses(read_log(out / "training_log.jsonl"), out / "loss.png")
+    if cfg.answer_bank:  # the latent lens's bank: training answers only, never the held-out split
+        from ..models.lens import save_answer_bank
+
+        vecs = data.train_response_vecs if len(data.train_response_vecs) == len(data.train_queries) else data.train_targets
+        summary["answer_bank"] = save_answer_bank(out, data.train_queries, data.train_responses, vecs.numpy(),
+                                                  cfg.answer_bank, cfg.seed)
+    rows = read_log(out / "training_log.jsonl")
+    summary["decode_curve"] = decode_curve(rows)
+    plot_losses(rows, out / "loss.png")
     (out / "README.md").write_text(model_card(summary), encoding="utf-8")
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the adapter folder is what ships
     return summary
@@ -274,7 +283,8 @@ def _build_encoder(cfg: TrainConfig, device: torch.device):
         return load_encoder(adapter=cfg.adapter, backbone=cfg.backbone, teacher=cfg.teacher, device=device)
     config = EncoderConfig(backbone=cfg.backbone, teacher=cfg.teacher,
                            n_thought=cfg.n_thought, n_compress=cfg.n_compress, align_head=cfg.align_head,
-                           system_prompt=cfg.system_prompt, init_seed=cfg.seed, anchor=cfg.anchor)
+                           system_prompt=cfg.system_prompt, init_seed=cfg.seed, anchor=cfg.anchor,
+                           recon_format=cfg.recon_format)
     return build_encoder(config, device)
 
 
@@ -291,7 +301,7 @@ def _resolve_model_fields(cfg: TrainConfig) -> None:
                 raise TrainError(f"adapter {cfg.adapter} was trained for {what} '{stored}', not '{given}'")
         cfg.backbone, cfg.teacher = ac.backbone, ac.teacher
         cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ac.n_thought, ac.n_compress, ac.align_head, ac.system_prompt
-        cfg.anchor = ac.anchor
+        cfg.anchor, cfg.recon_format = ac.anchor, ac.recon_format
     cfg.backbone, cfg.teacher = cfg.backbone or DEFAULT_BACKBONE, cfg.teacher or DEFAULT_TEACHER
     if cfg.ridge_init is None:  # the closed-form fit suits a fresh linear head; a starting adapter keeps its own
         cfg.ridge_init = cfg.align_head == "linear" and not cfg.adapter
@@ -313,7 +323,7 @@ def _sync_config_from_encoder(cfg: TrainConfig, encoder) -> None:
     ec = encoder.config
     cfg.backbone, cfg.teacher = ec.backbone, ec.teacher
     cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ec.n_thought, ec.n_compress, ec.align_head, ec.system_prompt
-    cfg.anchor = ec.anchor
+    cfg.anchor, cfg.recon_format = ec.anchor, ec.recon_format
 
 
 def _training_record(summary: dict) -> dict:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TrainError
-from .report import TrainingLog
+from .report import TrainingLog, rouge_l_f1
 from .ridge import fit_head
 
 ALIGN_LOSSES = ("cos", "mse", "infonce")
@@ -59,6 +59,7 @@ class TrainConfig:
     align_head: str = "linear"  # linear | mlp
     anchor: bool = True  # fit a query anchor after the loop (see ridge.py); fused queries then use it
     system_prompt: str | None = None  # chat system prompt for responses and queries (None: template default)
+    recon_format: str = "raw"  # how the backbone reads the soft prompt back: raw | chat (models/encoder.py EncoderConfig)
     device: str | None = None  # None: cuda when available, else cpu
     threads: int = 0  # CPU threads; 0: the free cores (bitwise-exact resume wants the same count)
     cache_dir: str | None = None  # None: $RKIT_HOME/cache
@@ -98,12 +99,14 @@ class TrainConfig:
     stop_after: int | None = None  # leave a checkpoint and stop after this step (time-boxed runs, tests)
     # ---- report ---------------------------------------------------------------------------------
     decode_samples: int = 64  # validation queries decoded for the reconstruction figures
+    val_decode: int = 16  # held-out queries decoded greedily at every validation (the ROUGE-L-vs-steps curve; 0: off)
+    answer_bank: int = 2000  # training answers stored with the adapter for the latent lens (models/lens.py; 0: none)
     decode_tokens: int = 64
     command: str | None = None  # the exact command line, for the model card
 
     # fields that may differ between a run and its resumption without changing the result
     RESUME_FREE = ("resume", "stop_after", "command", "device", "threads", "val_every", "checkpoint_every", "log_every",
-                   "decode_samples", "decode_tokens", "eval_batch_size", "gen_batch_size", "cache_dir", "out",
+                   "decode_samples", "decode_tokens", "val_decode", "answer_bank", "eval_batch_size", "gen_batch_size", "cache_dir", "out",
                    "queries")  # the data itself is compared by fingerprint, not by path
 
     def check(self) -> None:
@@ -111,6 +114,8 @@ class TrainConfig:
             raise TrainError(f"unknown --align-loss '{self.align_loss}' (use {', '.join(ALIGN_LOSSES)})")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule '{self.schedule}' (use {', '.join(SCHEDULES)})")
+        if self.recon_format not in ("raw", "chat"):
+            raise TrainError(f"unknown --recon-format '{self.recon_format}' (use raw or chat)")
         if self.align_head not in ("linear", "mlp"):
             raise TrainError(f"unknown --align-head '{self.align_head}' (use linear or mlp)")
         if self.tune_size < 0 or self.val_size < 0:
@@ -339,6 +344,9 @@ def embed_queries(encoder, queries: list[str], batch_size: int, key: str = "embe
     return torch.cat(rows).cpu() if rows else torch.zeros(0)
 
 
+VAL_DECODE_TOKENS = 32  # short decodes keep validation cheap; the model card's figure uses decode_tokens
+
+
 @torch.no_grad()
 def validate(encoder, data: LoopData, cfg: TrainConfig) -> dict:
     """val_cos: mean cos(student, teacher(response)) on the held-out split; val_recon: its reconstruction CE."""
@@ -354,6 +362,10 @@ def validate(encoder, data: LoopData, cfg: TrainConfig) -> dict:
             with autocast(encoder.device):
                 losses.append(float(compute_losses(encoder, encoder, batch, cfg)["recon"]))
         result["val_recon"] = float(np.mean(losses))
+    n = min(cfg.val_decode, len(data.val_queries))
+    if n:  # what --explain would show, tracked through training: the teacher-forced loss alone hid that it was noise
+        decoded = encoder.decode(data.val_queries[:n], max_new_tokens=VAL_DECODE_TOKENS, batch_size=n)
+        result["val_rouge_l"] = float(np.mean([rouge_l_f1(d, r) for d, r in zip(decoded, data.val_responses[:n])]))
     return result
 
 

@@ -69,7 +69,8 @@ def _json(row: dict) -> str:
 
 
 def plot_losses(rows: list[dict], path: Path) -> Path | None:
-    """Training losses per logged step (left) and validation cosine (right)."""
+    """Training losses per logged step (left), validation cosine (middle) and, when the run tracked it, the
+    held-out greedy-decode ROUGE-L (right: how faithful --explain is, step by step)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +80,14 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
     val = [r for r in rows if r.get("val_cos") is not None and "event" not in r]
     if not train and not val:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    curve = decode_curve(rows)
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
+    if curve:
+        axes[2].plot([s for s, _ in curve], [r for _, r in curve], "o-", color="tab:green")
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("held-out greedy decode ROUGE-L")
+        axes[2].grid(alpha=0.3)
     for key, style in (("loss", "-"), ("recon", "--"), ("align", ":")):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if points and any(v for _, v in points):
@@ -103,6 +111,11 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def decode_curve(rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, held-out decode ROUGE-L) from the log's validation rows (TrainConfig.val_decode)."""
+    return [(r["step"], r["val_rouge_l"]) for r in rows if r.get("val_rouge_l") is not None and "event" not in r]
 
 
 # ---- validation figures --------------------------------------------------------------------------------
@@ -224,7 +237,9 @@ def model_card(summary: dict) -> str:
         f"(× {cfg['special_lr_scale']} special tokens, × {cfg['recon_lr_scale']} recon_proj, × {cfg['head_lr_scale']} head) "
         f"({cfg['schedule']} decay after {cfg['warmup']} warm-up steps, to ×{cfg['min_lr_ratio']}), grad clip {cfg['grad_clip']}, seed {cfg['seed']}",
         f"- loss = {cfg['w_recon']} · L_recon (response tokens ≤ {cfg['max_target_tokens']}) + {cfg['w_align']} · "
-        f"L_align ({cfg['align_loss']}); {cfg['n_thought']} thought + {cfg['n_compress']} compression tokens, "
+        f"L_align ({cfg['align_loss']}); the backbone reads the soft prompt back "
+        f"{'as the user turn of its chat template' if cfg.get('recon_format') == 'chat' else 'raw (no template)'}; "
+        f"{cfg['n_thought']} thought + {cfg['n_compress']} compression tokens, "
         f"{cfg['align_head']} alignment head; ridge initialisation of the head: "
         f"{'yes (λ = ' + str(ridge.get('alpha')) + ' × mean feature variance, ' + str(ridge.get('samples')) + ' queries)' if ridge else 'no'}; "
         f"closed-form refit of the head after the loop: {'yes (λ = ' + str(summary['refit'].get('alpha')) + ')' if summary.get('refit') else 'no'}",
@@ -272,10 +287,19 @@ def model_card(summary: dict) -> str:
             f"{rec['n']} held-out queries, compared with the backbone's real response): teacher cosine "
             f"{_fmt(rec['teacher_cos'])}, ROUGE-L F1 {_fmt(rec['rouge_l_f1'])}.",
         ]
+    curve = summary.get("decode_curve") or []
+    if curve:
+        lines += ["", f"Explanation faithfulness during training (greedy decode of the first {summary['config'].get('val_decode')} "
+                      "held-out queries, ≤ 32 tokens, ROUGE-L F1 against the real answers; also in `loss.png`):", "",
+                  "| step | " + " | ".join(str(s) for s, _ in curve) + " |", "|---|" + "---:|" * len(curve),
+                  "| ROUGE-L | " + " | ".join(f"{r:.3f}" for _, r in curve) + " |"]
     if fig.get("examples"):
         lines += ["", "## Examples (held-out)", "", "| query | backbone response | decoded from the student |", "|---|---|---|"]
         lines += [f"| {_cell(e['query'], 200)} | {_cell(e['response'])} | {_cell(e['decoded'])} |" for e in fig["examples"]]
     lines += ["", "## Files",
               "`config.json`, `adapter.safetensors` (the adapter), `training_log.jsonl` (losses, lr, tokens/s, "
-              "skipped steps, validation), `loss.png`, this README.", ""]
+              "skipped steps, validation), `loss.png`, this README"
+              + (f"; `answer_bank.jsonl` + `answer_bank.safetensors`: {summary['answer_bank']} training-pool answers "
+                 "and their teacher vectors, for the latent lens (`rkit explain`)" if summary.get("answer_bank") else "")
+              + ".", ""]
     return "\n".join(lines)

@@ -205,10 +205,17 @@ async function explainQuery(seq, query, index) {
     }
   }
   if (facts) nodes.push(el("p", "muted small", facts));
-  if (Array.isArray(data.lens) && data.lens.length) {
-    nodes.push(el("h3", null, "Lens"));
+  const lens = data.lens || {};
+  if (Array.isArray(lens.words) && lens.words.length) {
+    nodes.push(el("h3", null, "Logit lens"));
+    nodes.push(el("p", "muted small", "the backbone's next-token guesses at the compression tokens"));
+    nodes.push(el("p", "lens-words", lens.words.map(([w, p]) => `${w} ${p.toFixed(2)}`).join(" · ")));
+  }
+  if (Array.isArray(lens.latent) && lens.latent.length) {
+    nodes.push(el("h3", null, "Latent lens"));
+    nodes.push(el("p", "muted small", "training-pool answers nearest to the generative embedding"));
     const list = el("ul", "lens");
-    for (const item of data.lens) list.append(el("li", null, typeof item === "string" ? item : JSON.stringify(item)));
+    for (const near of lens.latent) list.append(el("li", null, `${near.cos.toFixed(3)} · ${near.query} → ${near.answer}`));
     nodes.push(list);
   }
   replace("explanation-body", ...nodes);
