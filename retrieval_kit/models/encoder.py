@@ -293,6 +293,9 @@ class GenerativeEncoder(nn.Module):
         lengths = attention_mask.long().sum(-1)
         if bool((lengths <= n).any()):
             return None
+        window = _sliding_window(self.backbone.config)
+        if window is not None and input_ids.shape[1] + self.special.shape[0] > window and bool((lengths < lengths.max()).any()):
+            return None  # a shorter prompt's padding would sit between the opening and its rest, inside the window
         # left-padded: row i's real tokens are its last lengths[i] columns
         cols = (input_ids.shape[1] - lengths)[:, None] + torch.arange(n, device=input_ids.device)
         if not bool((input_ids.gather(1, cols) == ids).all()):
@@ -618,6 +621,13 @@ def _state_to_embedding_scale(backbone, tokenizer) -> float:
     factor = embed(ids).float().norm(dim=-1).sum() / vocab[ids].float().norm(dim=-1).sum().clamp(min=1e-12)
     states = backbone.get_decoder()(input_ids=ids).last_hidden_state.float()
     return float(vocab.float().norm(dim=-1).mean() * factor / states.norm(dim=-1).mean().clamp(min=1e-6))
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window of a backbone with sliding-window layers (Gemma2/3, Mistral: no layer_types), else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return window if window and (types is None or "sliding_attention" in types) else None
 
 
 def _cache_kwarg(decoder) -> str:

@@ -152,27 +152,34 @@ def stage_targets(encoder, split: QuerySplit, responses: dict[str, str], cfg: Tr
     train = [q for q in pool if q not in tune_set]
     if not train:
         raise TrainError("no training query got a non-empty response from the backbone")
-    texts = list(dict.fromkeys([responses[q] for q in pool + val] + pool + val))
-    with _bar("stage 2/4 teacher targets", len(texts), progress) as advance:
-        matrix = embed_texts(target_cache(cache_dir, encoder.config.teacher), texts,
-                             lambda chunk: encoder.encode_teacher(chunk, batch_size=cfg.eval_batch_size * 2),
-                             on_chunk=advance)
-    table = dict(zip(texts, matrix))
+    # answers are embedded as documents, queries as queries: one call each, so a teacher with per-role prompts
+    # (EmbeddingGemma) gives each its own; a role-free one (MiniLM, mpnet) keeps the one cache it always had
+    by_role = {"document": list(dict.fromkeys(responses[q] for q in pool + val)), "query": list(dict.fromkeys(pool + val))}
+    prompts = getattr(encoder.teacher, "prompts", None) or {}
+    roles_differ = any(prompts.get(role) for role in by_role)
+    tables: dict[str, dict] = {}
+    with _bar("stage 2/4 teacher targets", sum(map(len, by_role.values())), progress) as advance:
+        for role, texts in by_role.items():
+            matrix = embed_texts(target_cache(cache_dir, encoder.config.teacher, role if roles_differ else None), texts,
+                                 lambda chunk, role=role: encoder.encode_teacher(chunk, cfg.eval_batch_size * 2, role=role),
+                                 on_chunk=advance)
+            tables[role] = dict(zip(texts, matrix))
     dim = encoder.config.embed_dim
 
-    def vecs(texts: list[str]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([table[t] for t in texts])) if texts else torch.zeros(0, dim)
+    def vecs(texts: list[str], role: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([tables[role][t] for t in texts])) if texts else torch.zeros(0, dim)
 
-    answers = lambda qs: [responses[q] for q in qs]
-    train_resp, train_query = vecs(answers(train)), vecs(train)
+    answers = lambda qs: vecs([responses[q] for q in qs], "document")
+    queries = lambda qs: vecs(qs, "query")
+    train_resp, train_query = answers(train), queries(train)
     targets = train_resp
     if cfg.target_mix > 0:
         targets = torch.nn.functional.normalize((1 - cfg.target_mix) * train_resp + cfg.target_mix * train_query, dim=-1)
     return LoopData(
-        train_queries=train, train_responses=answers(train), train_targets=targets,
-        val_queries=val, val_responses=answers(val), val_targets=vecs(answers(val)),
-        train_query_vecs=train_query, train_response_vecs=train_resp, val_query_vecs=vecs(val),
-        tune_queries=tune, tune_targets=vecs(answers(tune)), tune_query_vecs=vecs(tune),
+        train_queries=train, train_responses=[responses[q] for q in train], train_targets=targets,
+        val_queries=val, val_responses=[responses[q] for q in val], val_targets=answers(val),
+        train_query_vecs=train_query, train_response_vecs=train_resp, val_query_vecs=queries(val),
+        tune_queries=tune, tune_targets=answers(tune), tune_query_vecs=queries(tune),
     )
 
 
