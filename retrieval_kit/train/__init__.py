@@ -80,15 +80,16 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
     with clock("loop"):
         state = stage_loop(encoder, data, cfg, out, progress and rank == 0)
     refit = {}
-    if state.step >= cfg.steps and cfg.refit_head:
+    if state.done(cfg) and cfg.refit_head:
         with clock("refit"):
             refit = stage_refit(encoder, data, cfg, state, out, progress and rank == 0)
     anchor = {}
-    if state.step >= cfg.steps and encoder.config.anchor:
+    if state.done(cfg) and encoder.config.anchor:
         with _spinner("query anchor and fused weight (closed form, tune split)", progress and rank == 0), clock("anchor"):
             anchor = fit_query_anchor(encoder, data, lambda queries: embed_queries(encoder, queries, cfg.eval_batch_size))
     summary = {
-        "out": str(out), "status": "finished" if state.step >= cfg.steps else "stopped", "steps": state.step,
+        "out": str(out), "status": "finished" if state.done(cfg) else "stopped", "steps": state.step,
+        "stopped_at_deadline": state.time_stopped,
         "skipped": state.skipped, "loop_s": state.elapsed, "ridge": state.ridge, "refit": refit, "anchor": anchor,
         "last_val": state.last_val,
         "backbone": encoder.config.backbone, "teacher": encoder.config.teacher, "world_size": world_size, "rank": rank,

@@ -97,6 +97,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     stop_after: int | None = None  # leave a checkpoint and stop after this step (time-boxed runs, tests)
+    # a time.time() stamp: the loop ends after the step in flight once it passes, and the run finishes as if that
+    # were its last step (refit, anchor, figures, adapter) — a GPU job that must end inside its lease (benchmarks/gpu_train)
+    deadline: float | None = None
     # ---- report ---------------------------------------------------------------------------------
     decode_samples: int = 64  # validation queries decoded for the reconstruction figures
     val_decode: int = 16  # held-out queries decoded greedily at every validation (the ROUGE-L-vs-steps curve; 0: off)
@@ -105,7 +108,7 @@ class TrainConfig:
     command: str | None = None  # the exact command line, for the model card
 
     # fields that may differ between a run and its resumption without changing the result
-    RESUME_FREE = ("resume", "stop_after", "command", "device", "threads", "val_every", "checkpoint_every", "log_every",
+    RESUME_FREE = ("resume", "stop_after", "deadline", "command", "device", "threads", "val_every", "checkpoint_every", "log_every",
                    "decode_samples", "decode_tokens", "val_decode", "answer_bank", "eval_batch_size", "gen_batch_size", "cache_dir", "out",
                    "queries")  # the data itself is compared by fingerprint, not by path
 
@@ -168,6 +171,11 @@ class LoopState:
     elapsed: float = 0.0  # seconds spent in the loop over all (resumed) runs
     ridge: dict = field(default_factory=dict)
     last_val: dict = field(default_factory=dict)
+    time_stopped: bool = False  # the loop ended at cfg.deadline, before cfg.steps
+
+    def done(self, cfg: "TrainConfig") -> bool:
+        """The loop is over (all steps, or the deadline): what follows it runs."""
+        return self.step >= cfg.steps or self.time_stopped
 
 
 # ---- distributed ------------------------------------------------------------------------------------
@@ -420,7 +428,9 @@ def load_checkpoint(folder: Path, encoder, optimizer, scheduler, cfg: TrainConfi
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
-    return LoopState(**payload["loop"])
+    state = LoopState(**payload["loop"])
+    state.time_stopped = False  # a new run of the loop, with its own deadline
+    return state
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -498,6 +508,14 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
             scheduler.step()
         state.step += 1
         state.elapsed = time.perf_counter() - t_run
+        if cfg.deadline is not None and state.step < cfg.steps and _past(cfg.deadline, device, world_size):
+            state.time_stopped = True  # ends like a finished run; validated now so the card's "loop left it" row is current
+            state.last_val = validate(encoder, data, cfg)
+            log.write({"step": state.step, "event": "deadline", **state.last_val})
+            emit("val", {"step": state.step, **state.last_val})
+            if rank == 0:
+                save_checkpoint(ckpt_dir, encoder, optimizer, scheduler, state, cfg, data_fp)
+            break
 
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             now = time.perf_counter()
@@ -525,6 +543,14 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
         if stopping:
             break
     return state
+
+
+def _past(deadline: float, device, world_size: int) -> bool:
+    """time.time() ≥ deadline, agreed by every rank (one rank stopping alone would hang the others' all-reduce)."""
+    past = torch.tensor(float(time.time() >= deadline), device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(past, op=torch.distributed.ReduceOp.MAX)
+    return bool(past.item())
 
 
 def _mean(values: list[float]) -> float:

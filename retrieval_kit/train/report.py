@@ -232,7 +232,9 @@ def model_card(summary: dict) -> str:
         f"(system prompt: {cfg.get('system_prompt') or 'template default'}); targets: teacher(response), L2-normalised",
         "",
         "## Training",
-        f"- steps: {summary['steps']} (skipped as non-finite: {summary['skipped']}), batch {cfg['batch_size']} × "
+        f"- steps: {summary['steps']}"
+        f"{' (ended at the wall-clock deadline, before the planned ' + str(cfg['steps']) + '; the schedule was cut short)' if summary.get('stopped_at_deadline') else ''}"
+        f" (skipped as non-finite: {summary['skipped']}), batch {cfg['batch_size']} × "
         f"grad-accum {cfg['grad_accum']} × {summary.get('world_size', 1)} device(s), AdamW lr {cfg['lr']} "
         f"(× {cfg['special_lr_scale']} special tokens, × {cfg['recon_lr_scale']} recon_proj, × {cfg['head_lr_scale']} head) "
         f"({cfg['schedule']} decay after {cfg['warmup']} warm-up steps, to ×{cfg['min_lr_ratio']}), grad clip {cfg['grad_clip']}, seed {cfg['seed']}",
