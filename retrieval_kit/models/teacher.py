@@ -1,4 +1,5 @@
-"""Load the teacher sentence encoder: any sentence-transformers name / folder, or the packaged MiniLM."""
+"""Load the teacher sentence encoder: any sentence-transformers name / folder, the packaged MiniLM, or a teacher
+pack (`mpnet`, `embeddinggemma-300m`: assembled from part wheels by `make models-extra`, see packs.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ TEACHER_ALIASES = {
 
 
 def resolve_teacher(name: str | None) -> str:
+    from . import packs
+
     name = name or DEFAULT_TEACHER
+    if packs.pack_for(name, "teacher") is not None:
+        return str(packs.teacher_folder(name))  # assembled, verified and extracted once
     if name.lower() not in TEACHER_ALIASES:
         return name
     package, sub = TEACHER_ALIASES[name.lower()]
@@ -37,13 +42,18 @@ def teacher_fingerprint(name: str | None, dim: int) -> str:
     identity the caches use, remembered per file), not where it is installed: a changed model is another space."""
     from ..cache_store import teacher_identity
 
+    from . import packs
+
     identity = teacher_identity(name or DEFAULT_TEACHER)
-    blob = json.dumps(["teacher", (name or DEFAULT_TEACHER).lower(), int(dim), identity.get("sha256")])
+    pack = packs.pack_for(name, "teacher")  # a pack's spellings (mpnet / all-mpnet-base-v2) are one model
+    key = pack.name if pack is not None else (name or DEFAULT_TEACHER).lower()
+    blob = json.dumps(["teacher", key, int(dim), identity.get("sha256")])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_teacher(name: str | None = None, device=None):
     """Return a SentenceTransformer in eval mode (fp16 on CUDA)."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
     source = resolve_teacher(name)
@@ -53,6 +63,8 @@ def load_teacher(name: str | None = None, device=None):
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ModelError(f"cannot load teacher '{name or DEFAULT_TEACHER}': {first}") from exc
     if model.device.type == "cuda":
-        model.half()
+        # Gemma-family encoders (EmbeddingGemma) overflow in float16: bfloat16 for them, float16 otherwise
+        gemma = "gemma" in str(getattr(getattr(model[0], "auto_model", None), "config", {}).__dict__.get("model_type", ""))
+        model.to(torch.bfloat16) if gemma else model.half()
     model.eval()
     return model

@@ -23,9 +23,17 @@ from ..errors import TrainError
 CHUNK = 1024  # texts per transaction: small enough to lose little when killed, large enough to be cheap
 
 
-def target_cache(cache_dir: str | Path, teacher_name: str) -> VectorNamespace:
+def target_cache(cache_dir: str | Path, teacher_name: str, role: str | None = None) -> VectorNamespace:
+    """`role` ("query" | "document", as GenerativeEncoder.encode_teacher): a teacher with per-role prompts
+    (EmbeddingGemma) gives a text two vectors, so each role is its own namespace; None is the namespace of caches
+    written before roles existed (right for role-free teachers such as MiniLM, whose vectors are the same)."""
     store = CacheStore.in_folder(cache_dir, TrainError)
-    return store.vectors("train-teacher", {"teacher": teacher_identity(teacher_name), "normalised": True})
+    identity = {"teacher": teacher_identity(teacher_name), "normalised": True}
+    if role is not None:
+        if role not in ("query", "document"):
+            raise TrainError(f"unknown teacher role '{role}' (use query or document)")
+        identity["role"] = role
+    return store.vectors("train-teacher", identity)
 
 
 def embed_texts(
