@@ -183,6 +183,10 @@ def test_explanation_says_how_faithful_it_is(client, encoder):
                           query_mode="teacher")
     assert with_search["explanation"]["text"] == told["text"]  # greedy decode: the same text
     assert "the search used teacher" in with_search["explanation"]["note"]
+    # the lenses come with it: the logit lens per special token and its summary words (the page's "Logit lens")
+    lens = told["lens"]
+    assert len(lens["logit"]) == encoder.config.n_thought + encoder.config.n_compress and lens["words"]
+    assert with_search["explanation"]["lens"]["words"] == lens["words"]
 
 
 # -- bad input: 4xx with a JSON error, never a 5xx --------------------------------------------------------

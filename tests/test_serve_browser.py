@@ -257,6 +257,7 @@ def test_search_explain_and_read_the_planted_document(server, driver):
     assert not driver.find_elements(By.CSS_SELECTOR, "#explanation-body .error"), \
         driver.find_element(By.ID, "explanation-body").text
     assert driver.find_element(By.ID, "explanation-body").text.strip()
+    assert "Logit lens" in driver.find_element(By.ID, "explanation-body").text  # the lens the API sends is shown
 
     first.click()
     _wait(driver, lambda d: "vault keeper on duty" in d.find_element(By.ID, "detail-body").text,
