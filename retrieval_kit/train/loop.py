@@ -59,7 +59,9 @@ class TrainConfig:
     align_head: str = "linear"  # linear | mlp
     anchor: bool = True  # fit a query anchor after the loop (see ridge.py); fused queries then use it
     system_prompt: str | None = None  # chat system prompt for responses and queries (None: template default)
-    recon_format: str = "raw"  # how the backbone reads the soft prompt back: raw | chat (models/encoder.py EncoderConfig)
+    # how the backbone reads the soft prompt back: chat | raw (models/encoder.py EncoderConfig). chat since 2026-12:
+    # the raw soft prompt's first answer token was never right (benchmarks/results/explain/README.md)
+    recon_format: str = "chat"
     device: str | None = None  # None: cuda when available, else cpu
     threads: int = 0  # CPU threads; 0: the free cores (bitwise-exact resume wants the same count)
     cache_dir: str | None = None  # None: $RKIT_HOME/cache
