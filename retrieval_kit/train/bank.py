@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-size", type=int, default=200, help="held-out queries kept out of the bank")
     ap.add_argument("--cap", type=int, default=BANK_CAP)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the adapter's training setting)")
     args = ap.parse_args(argv)
-    n = bank_for_adapter(args.adapter, args.queries, args.limit, args.val_size, args.cap, args.cache_dir)
+    n = bank_for_adapter(args.adapter, args.queries, args.limit, args.val_size, args.cap, args.cache_dir,
+                         args.max_new_tokens)
     print(f"answer bank: {n} answers written into {args.adapter}")
 
 
