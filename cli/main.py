@@ -101,11 +101,11 @@ def search_cmd(
     explain: bool = typer.Option(False, "--explain", help="Also decode each query's generative embedding back into text."),
     explain_tokens: int = typer.Option(48, "--explain-tokens", min=1, max=512),
     query_mode: Optional[str] = typer.Option(None, "--query-mode",
-                                             help="hybrid (BM25 + teacher + generative, RRF), bm25, generative, teacher or fused (default: the index's)."),
+                                             help="hybrid (BM25 + teacher + fused, convex fusion), bm25, generative, teacher or fused (default: the index's)."),
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
     signals: Optional[str] = typer.Option(None, "--signals",
-                                          help="Hybrid mode: RRF weight per signal, e.g. bm25=1,teacher=1 (default: bm25=1,teacher=1,fused=1)."),
-    fusion: str = typer.Option("rrf", "--fusion", help="Hybrid mode: rrf (rank fusion, default) or dbsf (Qdrant's score fusion, equal weights)."),
+                                          help="Hybrid mode: weight per signal, e.g. bm25=1,teacher=1 (default: bm25=1,teacher=1,fused=1)."),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help="Hybrid mode: rrf (rank fusion), dbsf (Qdrant's score fusion, equal weights) or convex (weighted min-max scores); default: the recipe's."),
     source_prefix: Optional[str] = typer.Option(None, "--source-prefix", help="Only chunks whose source starts with this, e.g. security/."),
     file_type: Optional[str] = typer.Option(None, "--file-type", help="Only chunks of this file type, e.g. md."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
@@ -127,7 +127,7 @@ def search_cmd(
     if query_mode is not None and query_mode not in SEARCH_MODES:
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
     # checked before any model loads
-    hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion)
+    hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion or DEFAULT_HYBRID.fusion)
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens, hybrid=hybrid, where=where)

@@ -119,6 +119,34 @@ def test_dbsf_fusion_same_on_faiss_and_qdrant(planted, encoder):
     assert tops["faiss"][0][0][0] == "errors.md#0" and tops["faiss"][1][0][0] == "feline.md#0"
 
 
+def test_convex_fusion_worked_by_hand():
+    """Min-max per list, weighted sum, a missing id adds 0; ties keep first-seen order (as RRF's do)."""
+    from retrieval_kit.index.fusion import convex
+
+    bm25 = [(1, 10.0), (2, 5.0), (3, 0.0)]  # -> 1.0, 0.5, 0.0
+    dense = [(3, 0.9), (4, 0.5), (1, 0.1)]  # -> 1.0, 0.5, 0.0
+    assert convex([bm25, dense], [1, 1]) == [(1, 1.0), (3, 1.0), (2, 0.5), (4, 0.5)]
+    assert convex([bm25, dense], [1, 2]) == [(3, 2.0), (1, 1.0), (4, 1.0), (2, 0.5)]
+    assert convex([bm25, dense], [1, 0], limit=2) == [(1, 1.0), (2, 0.5)]  # weight 0 drops the list
+    assert convex([[(5, 0.2)], []], [0.5, 1]) == [(5, 0.5)]  # a one-score list counts its id fully
+
+
+def test_convex_fusion_same_on_faiss_and_qdrant(planted, encoder):
+    """Qdrant's Query API has no convex fusion: both backends fuse each signal's own list with the same function."""
+    from retrieval_kit.search import HybridRecipe
+
+    recipe = HybridRecipe.parse("bm25=1,teacher=0.5", fusion="convex")
+    tops = {}
+    for backend, folder in planted.items():
+        with Retriever.attach(folder, encoder) as r:
+            res = r.search(["what does ERR-7731Q mean", "when do felines nap", "rollback of a failed deploy"], k=4,
+                           hybrid=recipe)
+            tops[backend] = [[(h.chunk_id, round(h.score, 5), h.signals) for h in x.hits] for x in res]
+    assert tops["faiss"] == tops["qdrant"]
+    assert tops["faiss"][0][0][0] == "errors.md#0" and tops["faiss"][1][0][0] == "feline.md#0"
+    assert tops["faiss"][0][0][1] == 1.5  # top of both lists: 1·1 + 0.5·1
+
+
 def _chunk(doc_id, text):
     return [{"chunk_id": f"{doc_id}#0", "text": text}]
 

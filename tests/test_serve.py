@@ -90,6 +90,9 @@ def test_modes_and_the_default_index(client):
     lexical_hybrid = _search(client, query=PLANTED_QUERY, k=3, signals={"bm25": 1, "teacher": 0.5})
     assert lexical_hybrid["hits"][0]["doc_id"] == PLANTED
     assert {name for h in lexical_hybrid["hits"] for name in h["signals"]} == {"bm25", "teacher"}
+    convex = _search(client, query=PLANTED_QUERY, k=3, signals={"bm25": 1, "teacher": 0.5}, fusion="convex")
+    # convex scores are weighted min-max (top of BM25 = 1, of teacher = 0.5), not RRF's ~1/61
+    assert convex["hits"][0]["doc_id"] == PLANTED and 1.0 <= convex["hits"][0]["score"] <= 1.5
 
 
 def test_batch_gives_what_single_searches_give(client):
@@ -198,6 +201,7 @@ BAD_BODIES = [
     ({"query": "ok", "index": "../kb"}, 404), ({"query": "\x1c\x85\u3000"}, 422),
     ({"query": "ok", "filters": {"file_type": "../../x"}}, 422), ({"query": "ok", "signals": {}}, 422),
     ({"query": "ok", "signals": {"bm25": 0}}, 422), ({"query": "ok", "signals": {"telepathy": 1}}, 422), ({"query": "ok", "explain_tokens": 10**6}, 422),
+    ({"query": "ok", "fusion": "mean"}, 422), ({"query": "ok", "fusion": "dbsf", "signals": {"bm25": 1, "teacher": 2}}, 422),
     ([1, 2], 422), ("just a string", 422),
 ]
 

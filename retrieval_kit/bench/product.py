@@ -14,8 +14,9 @@ scores as its best chunk (max-pooling), so every figure is what a user gets. The
     default     the index's default query mode (what `rkit search` uses without --query-mode)
     hyde, hydeq, anchor   their query vectors (methods.py) as one dense signal on the same index
     naive-rrf   plain RRF of bm25 and teacher (k=60, equal weights) on the same index: the naive hybrid
-    hybrid-dbsf the default signals fused by DBSF (Qdrant's score fusion) instead of RRF: an option, not the default
-    naive-convex  (whole documents, methods.py: score-level fusion is not an index search mode)
+    naive-convex  the other naive hybrid: 0.5·minmax(bm25) + 0.5·minmax(teacher) of each signal's top chunks
+                (--fusion convex, equal weights) on the same index; ``--path matrix`` keeps the whole-document twin
+    hybrid-dbsf the default signals fused by DBSF (Qdrant's score fusion, equal weights): an option, not the default
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from .metrics import Run
 from .progress import counter, note, stage
 
 MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid",
-         "naive-rrf": "hybrid", "hybrid-dbsf": "hybrid"}
+         "naive-rrf": "hybrid", "naive-convex": "hybrid", "hybrid-dbsf": "hybrid"}
 NAIVE_RRF = {"bm25": 1.0, "teacher": 1.0}
 VECTOR_METHODS = ("hyde", "hydeq", "anchor")
-INDEX_ONLY = ("default",) + tuple(m for m, mode in MODES.items() if mode == "hybrid")  # no --path matrix twin
+INDEX_ONLY = ("default",) + tuple(m for m, mode in MODES.items()  # no --path matrix twin
+                                   if mode == "hybrid" and m != "naive-convex")
 QUERY_BATCH = 32
 
 
@@ -86,12 +88,10 @@ class ProductRunner(MethodRunner):
         from ..index.base import Signal
         from ..search import HybridRecipe
 
-        if method == "naive-convex":
-            return super().run(method)
-        if method == "naive-rrf":
-            hybrid = HybridRecipe.of(NAIVE_RRF)
+        if method in ("naive-rrf", "naive-convex"):
+            hybrid = HybridRecipe.of(NAIVE_RRF, fusion="rrf" if method == "naive-rrf" else "convex")
         if method == "hybrid-dbsf":
-            hybrid = HybridRecipe(self.hybrid.weights, fusion="dbsf")
+            hybrid = HybridRecipe.of({n: 1.0 for n, w in self.hybrid.weights if w > 0}, fusion="dbsf")
         # a mode search encodes its queries afresh; a vector method's inputs may all come from the cache
         self.computed = method not in VECTOR_METHODS
         retriever = self.retriever()
@@ -113,7 +113,7 @@ class ProductRunner(MethodRunner):
                     ranked += [r.hits for r in results]
                     advance(len(part))
         else:
-            known = [*MODES, "default", *VECTOR_METHODS, "naive-convex"]
+            known = [*MODES, "default", *VECTOR_METHODS]
             raise BenchError(f"unknown method '{method}' on the product path (use {', '.join(known)})")
         return {qid: pool(hits, self.ds.excluded.get(qid)) for qid, hits in zip(self.qids, ranked)}
 

@@ -46,7 +46,7 @@ from ..errors import IndexError_, IndexMismatchError, InputError
 from .base import QDRANT_DIR, ChunkFilter, Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
-from .fusion import FUSIONS, RRF_K, dbsf, rrf
+from .fusion import FUSIONS, RRF_K, WEIGHTLESS, convex, dbsf, rrf
 from .lexical import BM25_B, BM25_K1, LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
 from .lock import WriterLock
 from .store import DocStore, normalise_chunks, row_checksum
@@ -310,10 +310,12 @@ class Index:
 
     def search_hybrid(self, signals: Sequence[Signal], k: int = 10, depth: int = 100,
                       rrf_k: int = RRF_K, fusion: str = "rrf", where: ChunkFilter | None = None) -> list[list[Hit]]:
-        """Fuse several ranked lists per query (dense vectors and/or BM25) by weighted RRF (fusion.py).
+        """Fuse several ranked lists per query (dense vectors and/or BM25) by weighted RRF, DBSF or a convex
+        combination of min-max scores (fusion.py).
 
         Each signal ranks its best ``depth`` chunks (at least k). FAISS fuses here; Qdrant on the server
-        (Query API prefetch + RRF), with the same formula. A hit's ``signals`` gives its rank in each list
+        (Query API prefetch + RRF/DBSF), with the same formula; convex, which the Query API lacks, is fused
+        here for every backend from each signal's own list. A hit's ``signals`` gives its rank in each list
         that found it; with a single signal its score is that signal's own (cosine or BM25), else the fused one.
         ``where`` keeps only matching chunks, inside each engine's search (FAISS IDSelector, a mask on the
         BM25 scores, a Qdrant id filter), so a filtered search still returns k hits when k match.
@@ -329,8 +331,8 @@ class Index:
             raise InputError(f"{self.label}: k must be at least 1, got {k}")
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion '{fusion}' (use {' or '.join(FUSIONS)})")
-        if fusion == "dbsf" and len({s.weight for s in signals}) > 1:
-            raise InputError("dbsf fuses scores and takes no weights: give every signal the same weight")
+        if fusion in WEIGHTLESS and len({s.weight for s in signals}) > 1:
+            raise InputError(f"{fusion} fuses scores and takes no weights: give every signal the same weight")
         self._check_open()
         self._ensure_synced()
         nq = len(signals[0].texts) if signals[0].lexical else len(signals[0].vectors)
@@ -346,7 +348,7 @@ class Index:
         if len(signals) == 1:
             scores, rows = self._search_one(signals[0], asked, allowed)
             lists = [rows]
-        elif qdrant:  # fused on the server, one Query API request per query
+        elif qdrant and fusion != "convex":  # fused on the server, one Query API request per query
             scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k, fusion, allowed)
         else:
             parts = [self._search_one(s, depth, allowed) for s in signals]
@@ -854,13 +856,14 @@ def _describe_encoder(enc: dict) -> str:
 
 def _fuse(parts: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: int, rrf_k: int,
           fusion: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, RRF (or DBSF) of each signal's (scores, rows) (-1 = none) into the k best, like a backend's."""
+    """Per query, RRF (DBSF, convex) of each signal's (scores, rows) (-1 = none) into the k best, like a backend's."""
     nq = len(parts[0][1])
     scores, rows = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
     for i in range(nq):
         found = [(s[i][r[i] >= 0], r[i][r[i] >= 0]) for s, r in parts]
+        pairs = [list(zip(r.tolist(), s.astype(float).tolist())) for s, r in found]
         fused = (rrf([r.tolist() for _, r in found], weights, rrf_k, limit=k) if fusion == "rrf" else
-                 dbsf([list(zip(r.tolist(), s.astype(float).tolist())) for s, r in found], limit=k))
+                 dbsf(pairs, limit=k) if fusion == "dbsf" else convex(pairs, weights, limit=k))
         for j, (row, score) in enumerate(fused):
             scores[i, j], rows[i, j] = score, row
     return scores, rows

@@ -28,11 +28,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from ..errors import IndexError_, IndexLockedError, IndexMismatchError, InputError, RkitError
 from ..index import ChunkFilter
+from ..index.fusion import FUSIONS, WEIGHTLESS
 from ..modes import QUERY_MODES
 from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, SearchResult, hit_dict
 from .searcher import Searcher
@@ -47,6 +48,7 @@ MAX_BATCH_QUERIES = 64
 MAX_EXPLAIN_TOKENS = 128
 Mode = Literal[SEARCH_MODES]  # type: ignore[valid-type]
 SignalName = Literal[("bm25",) + QUERY_MODES]  # type: ignore[valid-type]
+Fusion = Literal[FUSIONS]  # type: ignore[valid-type]
 
 
 # -- request and response bodies (they make /openapi.json) -----------------------------------------
@@ -84,10 +86,21 @@ class SearchOptions(BaseModel):
     explain_tokens: int = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
     filters: Filters | None = None
     signals: dict[SignalName, Annotated[float, Field(gt=0, le=100)]] | None = Field(
-        None, min_length=1, description=f"hybrid mode: RRF weight per signal (default {DEFAULT_HYBRID.spec()})")
+        None, min_length=1, description=f"hybrid mode: weight per signal (default {DEFAULT_HYBRID.spec()})")
+    fusion: Fusion | None = Field(None, description=f"hybrid mode: how the signals' lists are fused: rrf, dbsf (equal "
+                                                    f"weights) or convex (default {DEFAULT_HYBRID.fusion})")
+
+    @model_validator(mode="after")
+    def _weights_fit_the_fusion(self):
+        fusion = self.fusion or DEFAULT_HYBRID.fusion
+        if fusion in WEIGHTLESS and self.signals and len(set(self.signals.values())) > 1:
+            raise ValueError(f"fusion {fusion} takes no weights: give every signal the same weight")
+        return self
 
     def recipe(self) -> HybridRecipe:
-        return HybridRecipe.of(self.signals) if self.signals else DEFAULT_HYBRID
+        if not self.signals and not self.fusion:
+            return DEFAULT_HYBRID
+        return HybridRecipe.of(self.signals or dict(DEFAULT_HYBRID.weights), fusion=self.fusion or DEFAULT_HYBRID.fusion)
 
 
 class SearchRequest(SearchOptions):
