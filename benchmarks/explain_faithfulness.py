@@ -28,7 +28,7 @@ from retrieval_kit.paths import rkit_home
 from retrieval_kit.train.data import load_split
 from retrieval_kit.train.loop import tokenize_targets
 from retrieval_kit.train.report import rouge_l_f1
-from retrieval_kit.train.responses import GenerationConfig, generate_responses
+from retrieval_kit.train.responses import encoder_answers
 
 POOL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train_queries" / "mixed.jsonl"
 
@@ -45,10 +45,7 @@ def held_out(queries: str, limit: int, val_size: int, n: int, also: list[str]) -
 
 
 def answers(encoder, queries: list[str], max_new_tokens: int, cache_dir: Path) -> dict[str, str]:
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, system_prompt=encoder.config.system_prompt,
-                           max_query_tokens=encoder.config.max_query_tokens)
-    return generate_responses(encoder.backbone, encoder.tokenizer, queries, backbone_name=encoder.config.backbone,
-                              config=gen, cache_dir=cache_dir, batch_size=16)
+    return encoder_answers(encoder, queries, max_new_tokens, cache_dir, batch_size=16)
 
 
 @torch.no_grad()

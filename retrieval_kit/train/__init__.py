@@ -27,7 +27,7 @@ from .data import QuerySplit, load_split
 from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
 from .report import (TrainingLog, decode_curve, machine_info, model_card, parameter_counts, plot_losses, read_log,
                      validation_figures)
-from .responses import GenerationConfig, generate_responses
+from .responses import encoder_answers
 from .ridge import fit_head, fit_query_anchor, mean_cos
 from .targets import embed_texts, target_cache
 
@@ -129,13 +129,10 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
 
 def stage_responses(encoder, split: QuerySplit, cfg: TrainConfig, cache_dir: Path, progress: bool) -> dict[str, str]:
     """Stage 1: the backbone's own answer to every training and validation query (cached, resumable)."""
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, system_prompt=encoder.config.system_prompt,
-                           max_query_tokens=encoder.config.max_query_tokens)
     queries = split.train + split.val
     batch = cfg.gen_batch_size or (256 if encoder.device.type == "cuda" else 32)
     with _bar("stage 1/4 responses", len(queries), progress) as advance:
-        return generate_responses(encoder.backbone, encoder.tokenizer, queries, backbone_name=encoder.config.backbone,
-                                  config=gen, cache_dir=cache_dir, batch_size=batch, on_batch=advance)
+        return encoder_answers(encoder, queries, cfg.max_new_tokens, cache_dir, batch_size=batch, on_batch=advance)
 
 
 def stage_targets(encoder, split: QuerySplit, responses: dict[str, str], cfg: TrainConfig, cache_dir: Path,

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..models.lens import BANK_CAP, save_answer_bank
 from ..paths import rkit_home
 from .data import load_split
-from .responses import GenerationConfig, generate_responses
+from .responses import encoder_answers
 
 
 def bank_for_adapter(adapter: str | Path, queries: str | Path, limit: int | None, val_size: int = 200,
@@ -27,11 +27,9 @@ def bank_for_adapter(adapter: str | Path, queries: str | Path, limit: int | None
 
     encoder = load_adapter(adapter)
     hyper = (encoder.config.training or {}).get("hyperparameters", {})
-    gen = GenerationConfig(max_new_tokens=max_new_tokens or hyper.get("max_new_tokens", 128),
-                           system_prompt=encoder.config.system_prompt, max_query_tokens=encoder.config.max_query_tokens)
     pool = load_split(queries, val_size, limit).train
-    answers = generate_responses(encoder.backbone, encoder.tokenizer, pool, backbone_name=encoder.config.backbone,
-                                 config=gen, cache_dir=Path(cache_dir or rkit_home() / "cache"))
+    answers = encoder_answers(encoder, pool, max_new_tokens or hyper.get("max_new_tokens", 128),
+                              Path(cache_dir or rkit_home() / "cache"))
     kept = [q for q in pool if answers[q].strip()]
     vectors = encoder.encode_teacher([answers[q] for q in kept], role="document")
     return save_answer_bank(adapter, kept, [answers[q] for q in kept], vectors, cap)

@@ -63,3 +63,13 @@ def generate_responses(
             on_batch(len(batch))
     cache.store.close()
     return {q: done[q] for q in queries}
+
+
+def encoder_answers(encoder, queries: Sequence[str], max_new_tokens: int, cache_dir: Path, batch_size: int = 32,
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, str]:
+    """The backbone's own answers as an encoder's training asks for them (its system prompt and query cap), cached:
+    the training targets, an answer bank and the faithfulness benchmark all read the same cache entries."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, system_prompt=encoder.config.system_prompt,
+                              max_query_tokens=encoder.config.max_query_tokens)
+    return generate_responses(encoder.backbone, encoder.tokenizer, queries, backbone_name=encoder.config.backbone,
+                              config=config, cache_dir=cache_dir, batch_size=batch_size, on_batch=on_batch)
