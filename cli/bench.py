@@ -1,4 +1,4 @@
-"""`rkit bench bright | advbench-ir | beir | mteb`: one harness, baselines side by side, results written to disk."""
+"""`rkit bench bright | advbench-ir | beir | mteb | perf`: one harness, baselines side by side, results written to disk."""
 
 from __future__ import annotations
 
@@ -200,3 +200,36 @@ def mteb_cmd(
                        encoder_loader=_encoder_loader(adapter, device), limit=limit, adapter=adapter, root=data_root,
                        extra_config={"command": _command_line()})
     _report(outcome, out, as_json, plot)
+
+
+PERF_SUITE = Path("benchmarks") / "perf" / "__main__.py"
+
+
+@bench_app.command("perf", options_metavar="[SUITE ARGS]...",
+                   context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@guarded
+def perf(ctx: typer.Context) -> None:
+    """The performance suite (python -m benchmarks.perf), run from the root of a source checkout.
+
+    Every argument goes to the suite unchanged: [--quick] [--only cli,encode,indexing,search,decode,training]
+    [--device cuda] [--out DIR] [--workdir DIR]. Results: benchmarks/perf/README.md's table,
+    benchmarks/perf/results/perf[-quick].json and the plot; timings are benchmarks, never tests."""
+    import importlib
+
+    from .common import fail
+
+    root = Path.cwd()
+    if not (root / PERF_SUITE).is_file():
+        fail(f"rkit bench perf runs from a source checkout of rkit: {PERF_SUITE.parent} is not in {root} "
+             "(cd to the repository root)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # the rkit script's own folder is on sys.path, the checkout is not
+    try:
+        suite = importlib.import_module("benchmarks.perf.__main__")
+    except Exception as exc:  # a missing extra, a broken checkout: one line, not a traceback
+        fail(f"rkit bench perf could not import benchmarks.perf from {root}: {type(exc).__name__}: {exc}")
+    try:
+        code = suite.main(list(ctx.args))
+    except SystemExit as exc:  # argparse: --help, a bad argument (its own message is already printed)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    raise typer.Exit(code or 0)

@@ -27,6 +27,9 @@ def index_cmd(
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
     backend: Optional[str] = typer.Option(None, help="faiss (default for a new index) or qdrant."),
     factory: Optional[str] = typer.Option(None, help="FAISS index_factory string, e.g. Flat (default), HNSW32, IVF256,Flat."),
+    search_params: Optional[str] = typer.Option(None, "--search-params",
+                                                help="FAISS search-time knobs, e.g. efSearch=128 (HNSW) or nprobe=32 (IVF); "
+                                                     "over the defaults (efSearch 64, nprobe 16), kept by later runs."),
     qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (default: embedded local mode)."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
     doc_encoder: str = typer.Option("teacher", "--doc-encoder", help="teacher (input side, default) or generative."),
@@ -46,7 +49,7 @@ def index_cmd(
 
     from retrieval_kit.errors import InputError
     from retrieval_kit.index.core import check_name
-    from retrieval_kit.indexer import IndexSettings, index_corpus
+    from retrieval_kit.indexer import IndexSettings, index_corpus, parse_search_params
     from retrieval_kit.paths import index_home
     from retrieval_kit.search import adapter_path
 
@@ -57,7 +60,8 @@ def index_cmd(
     folder = (index_dir or index_home()) / name
     settings = IndexSettings(backend=backend, factory=factory, qdrant_url=qdrant_url, doc_mode=doc_encoder,
                              query_mode=query_mode, fuse_weight=fuse_weight, chunk_words=chunk_words, overlap=overlap,
-                             on_error="skip" if skip_bad_files else "raise")
+                             on_error="skip" if skip_bad_files else "raise",
+                             search_params=parse_search_params(search_params))  # checked before any model loads
     adapter_folder, adapter_name = adapter_path(adapter)
 
     def load():
@@ -309,7 +313,7 @@ from .train import train as train_cmd  # noqa: E402
 
 app.command("train")(train_cmd)
 app.command("serve")(serve_cmd)
-app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb.")
+app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb; perf (the performance suite, from a source checkout).")
 
 if __name__ == "__main__":
     app()

@@ -24,6 +24,7 @@ from .corpus import Chunk, Document, chunk_document, embed_text, read_documents
 from .errors import IndexError_, InputError
 from .index import Index
 from .index.core import MANIFEST, check_name, existing_index, remove_index
+from .index.faiss_backend import SEARCH_PARAMS, check_search_params, default_params, describe_params
 from .search import DEFAULT_MODE, SEARCH_MODES
 from .modes import DOC_MODES
 
@@ -49,6 +50,36 @@ class IndexSettings:
     overlap: int | None = None
     on_error: str = "raise"
     prune: bool = True  # remove documents that vanished from this corpus root
+    search_params: dict | None = None  # FAISS search-time knobs (efSearch, nprobe) over the factory's defaults
+
+
+def parse_search_params(spec: str | None) -> dict | None:
+    """``efSearch=128,nprobe=32`` → {"efSearch": 128, "nprobe": 32} (names case-insensitive); InputError naming
+    what is wrong. Which names a factory takes is checked against it (``check_search_params``)."""
+    if spec is None:
+        return None
+    canonical = {name.lower(): name for name in SEARCH_PARAMS}
+    params: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        key, sep, value = (x.strip() for x in part.partition("="))
+        name = canonical.get(key.lower())
+        if not sep:
+            raise InputError(f"--search-params: '{part}' is not name=value (e.g. efSearch=128,nprobe=32)")
+        if name is None:
+            raise InputError(f"--search-params: unknown '{part}' (use name=value with {' or '.join(SEARCH_PARAMS)}, "
+                             "e.g. efSearch=128,nprobe=32)")
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1 or not value.isdigit():
+            raise InputError(f"--search-params: {name} must be a positive integer, got '{value}'")
+        params[name] = number
+    if not params:
+        raise InputError("--search-params is empty (use e.g. efSearch=128 or nprobe=32)")
+    return params
 
 
 @dataclass
@@ -106,6 +137,10 @@ def check_settings(settings: IndexSettings) -> None:
         raise InputError("--qdrant-url is for --backend qdrant")
     if settings.factory is not None and settings.backend == "qdrant":
         raise InputError("--factory is for the faiss backend")
+    if settings.search_params is not None and settings.backend == "qdrant":
+        raise InputError("--search-params is for the faiss backend (efSearch, nprobe); Qdrant indexes have none")
+    if settings.search_params is not None and settings.factory is not None:
+        check_search_params(settings.search_params, settings.factory)
     if settings.fuse_weight is not None and not 0 <= settings.fuse_weight <= 1:
         raise InputError(f"--fuse-weight must be between 0 and 1, got {settings.fuse_weight}")
     words = settings.chunk_words if settings.chunk_words is not None else DEFAULTS["chunk_words"]
@@ -134,6 +169,8 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
     try:
         if index is not None:
             _check_against_index(index, settings)
+        elif settings.search_params is not None:  # a new index: the default factory must take them too
+            check_search_params(settings.search_params, settings.factory or DEFAULTS["factory"])
         encoder = load_encoder()
         if index is None:
             try:
@@ -149,9 +186,13 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
         rechunk = index.manifest.get("chunking") != recipe and index.count_documents() > 0
         _check_roots(index, docs, root, rechunk, report)
         if settings.factory is not None and settings.factory != index.manifest.get("factory"):
+            params = _factory_params(index, settings)
+            knobs = f", search params {describe_params(params)}" if params else ""
             report.notes.append(f"factory changed from {index.manifest.get('factory')} to {settings.factory}: "
-                                "rebuilt from the stored vectors (nothing re-embedded)")
-            index.set_factory(settings.factory)
+                                f"rebuilt from the stored vectors (nothing re-embedded){knobs}")
+            index.set_factory(settings.factory, params)
+        elif settings.search_params is not None:
+            _set_search_params(index, settings.search_params, report)
         if rechunk:
             report.notes.append(f"chunking changed ({_describe_recipe(index.manifest.get('chunking'))} → "
                                 f"{_describe_recipe(recipe)}): re-chunking and re-embedding every document")
@@ -218,6 +259,10 @@ def _check_against_index(index: Index, settings: IndexSettings) -> None:
                           "use another --name for another Qdrant")
     if settings.factory is not None and m["backend"] != "faiss":
         raise InputError(f"{index.label} uses the qdrant backend; --factory is for faiss indexes")
+    if settings.search_params is not None:
+        if m["backend"] != "faiss":
+            raise InputError(f"{index.label} uses the qdrant backend; --search-params is for faiss indexes")
+        check_search_params(settings.search_params, settings.factory or m["factory"])
     stored = (m.get("encoder") or {}).get("doc_mode")
     if stored and stored != settings.doc_mode:
         raise IndexError_(f"{index.label} embeds documents with '{stored}', not '{settings.doc_mode}'; "
@@ -226,9 +271,35 @@ def _check_against_index(index: Index, settings: IndexSettings) -> None:
 
 def _create(folder: Path, encoder: GenerativeEncoder, adapter: str, settings: IndexSettings, wait) -> Index:
     record = encoder_record(encoder, adapter, settings.doc_mode, settings.query_mode, settings.fuse_weight)
+    factory = settings.factory or DEFAULTS["factory"]
+    params = None if settings.search_params is None else {**default_params(factory), **settings.search_params}
     return Index.create(folder, dim=encoder.config.embed_dim, backend=settings.backend or DEFAULTS["backend"],
-                        factory=settings.factory or DEFAULTS["factory"], qdrant_url=settings.qdrant_url,
+                        factory=factory, qdrant_url=settings.qdrant_url, faiss_params=params,
                         encoder=record, name=folder.name, wait=wait)
+
+
+def _stored_params(index: Index) -> dict:
+    """The search knobs the index records (an index from before they were recorded: its factory's defaults)."""
+    stored = index.manifest.get("faiss_params")
+    return dict(stored) if stored is not None else default_params(index.manifest["factory"])
+
+
+def _factory_params(index: Index, settings: IndexSettings) -> dict:
+    """Knobs for a new factory: its defaults, then what the index recorded that it still takes, then the flag."""
+    defaults = default_params(settings.factory)
+    kept = {k: v for k, v in _stored_params(index).items() if k in defaults}
+    return {**defaults, **kept, **(settings.search_params or {})}
+
+
+def _set_search_params(index: Index, params: dict, report: IndexReport) -> None:
+    """--search-params on an existing index: merged over what it records, said when it changes anything."""
+    old = _stored_params(index)
+    new = {**old, **params}
+    if new != index.manifest.get("faiss_params"):
+        if new != old:
+            report.notes.append(f"search params changed from {describe_params(old)} to {describe_params(new)} "
+                                "(applied at search time; nothing re-embedded or rebuilt)")
+        index.set_search_params(new)
 
 
 def _adopt_encoder(index: Index, encoder: GenerativeEncoder, adapter: str, settings: IndexSettings) -> None:

@@ -498,16 +498,26 @@ class Index:
             self.backend.rebuild(self.store.iter_batches())
             self._stale = False
 
-    def set_factory(self, factory: str) -> None:
-        """Writer: serve this FAISS index with another index_factory string (rebuilt from the stored vectors)."""
+    def set_factory(self, factory: str, params: dict | None = None) -> None:
+        """Writer: serve this FAISS index with another index_factory string (rebuilt from the stored vectors),
+        searched with ``params`` (default: the factory's defaults)."""
         self._check_writable()
         if self.manifest["backend"] != "faiss":
             raise InputError(f"{self.label} uses the qdrant backend; --factory is for faiss indexes")
         new_faiss_index(self.dim, factory)  # a bad string fails before anything changes
-        params = default_params(factory)
+        params = default_params(factory) if params is None else dict(params)
         self.backend = FaissBackend(self.folder, self.dim, factory, params=params, label=self.label, create=True)
         self.manifest.update({"factory": factory, "faiss_params": params})
         self._stale = self._changed = True
+
+    def set_search_params(self, params: dict) -> None:
+        """Writer: FAISS search-time knobs (efSearch, nprobe), recorded in the manifest and used by every open."""
+        self._check_writable()
+        if self.manifest["backend"] != "faiss":
+            raise InputError(f"{self.label} uses the qdrant backend; --search-params is for faiss indexes")
+        self.backend.set_params(params)
+        self.manifest["faiss_params"] = dict(params)
+        self._changed = True
 
     # -- persisting ---------------------------------------------------------------------------
     def save(self) -> None:

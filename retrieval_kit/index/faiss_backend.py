@@ -64,6 +64,28 @@ def default_params(factory: str) -> dict:
     return params
 
 
+SEARCH_PARAMS = ("efSearch", "nprobe")  # the knobs `rkit index --search-params` sets (default_params' names)
+
+
+def check_search_params(params: dict, factory: str) -> None:
+    """InputError naming a knob this factory has no use for (efSearch needs HNSW, nprobe IVF) or a bad value."""
+    takes = default_params(factory)
+    for name, value in params.items():
+        if name not in SEARCH_PARAMS:
+            raise InputError(f"--search-params: unknown '{name}' (use {' or '.join(SEARCH_PARAMS)})")
+        if name not in takes:
+            needs = "an HNSW" if name == "efSearch" else "an IVF"
+            raise InputError(f"--search-params: {name} needs {needs} factory, not '{factory}' "
+                             f"(e.g. --factory {'HNSW32' if name == 'efSearch' else 'IVF256,Flat'})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"--search-params: {name} must be a positive integer, got {value!r}")
+
+
+def describe_params(params: dict | None) -> str:
+    """{"efSearch": 64} → 'efSearch=64' (the form --search-params takes); 'none' when empty."""
+    return ",".join(f"{k}={v}" for k, v in (params or {}).items()) or "none"
+
+
 def _is_flat(factory: str) -> bool:
     return factory.replace(" ", "").upper().removeprefix("IDMAP2,").removeprefix("IDMAP,") == "FLAT"
 
@@ -130,6 +152,13 @@ class FaissBackend:
             self.needs_rebuild, self.standin = True, False
             return new_faiss_index(self.dim, self.factory, self.params)
         return index
+
+    def set_params(self, params: dict) -> None:
+        """New search-time knobs (efSearch, nprobe), applied to the index now and to every rebuild."""
+        self.params = dict(params)
+        self._gpu = None
+        if not self.standin and not self.needs_rebuild:
+            _apply_params(self.index, self.params)
 
     def ids(self) -> np.ndarray:
         """The row ids this index holds (what ``Index`` checks against the doc store)."""
