@@ -5,9 +5,9 @@ An index remembers its encoder (adapter, fingerprints, modes). Opening it loads 
 vectors from another embedding space. The index is opened read-only: searching never writes to it.
 
 Search modes: ``hybrid`` (the default: BM25 + teacher(query) + the adapter's fused query vector, which carries
-the generative embedding, fused by a convex mix of min-max scores, see ``HybridRecipe``), ``bm25`` (lexical alone), and the encoder's dense modes ``generative``,
-``teacher``, ``fused``. This is the one search path: the CLI, a server and ``rkit bench`` all call
-``Retriever.search``.
+the generative embedding, fused by a convex mix of min-max scores, see ``HybridRecipe``), ``bm25`` (lexical
+alone), and the encoder's dense modes ``generative``, ``teacher``, ``fused``. This is the one search path: the
+CLI, a server and ``rkit bench`` all call ``Retriever.search``.
 """
 
 from __future__ import annotations
