@@ -34,7 +34,7 @@ from retrieval_kit.search import HybridRecipe
 from .tune_collections import COLLECTIONS, load
 
 # The candidates, declared before any run: (weights, fusion). Single signals for reference, then the fusions worth
-# asking about: RRF with the generative side at full, half and quarter vote (or sharing one dense vote with the
+# asking about: RRF with the generative side at full or half vote (or sharing one dense vote with the
 # teacher), Qdrant's DBSF, and the convex combination of min-max scores (Bruch et al., TOIS 2023).
 CANDIDATES = {
     "bm25": ({"bm25": 1}, "rrf"),
