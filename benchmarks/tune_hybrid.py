@@ -75,9 +75,9 @@ def main() -> None:
     encoder = LazyEncoder(lambda: load_bench_encoder(None, None))
     names = [c.strip() for c in args.collections.split(",") if c.strip()]
     rows = {name: {"weights": w, "fusion": f, "per": {}} for name, (w, f) in CANDIDATES.items()}
-    described = {}
+    described, store = {}, cache.open_store(root)  # the pool collection's cached backbone answers
     for collection in names:
-        ds = load(collection, encoder(), cache.open_store(root))
+        ds = load(collection, encoder(), store)
         runner = ProductRunner(ds, MethodConfig(), root, encoder)
         try:
             for name, (weights, fusion) in CANDIDATES.items():

@@ -131,7 +131,7 @@ def search_cmd(
     if query_mode is not None and query_mode not in SEARCH_MODES:
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
     # checked before any model loads
-    hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion or DEFAULT_HYBRID.fusion)
+    hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion)
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens, hybrid=hybrid, where=where)

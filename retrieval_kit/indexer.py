@@ -70,13 +70,9 @@ def parse_search_params(spec: str | None) -> dict | None:
         if name is None:
             raise InputError(f"--search-params: unknown '{part}' (use name=value with {' or '.join(SEARCH_PARAMS)}, "
                              "e.g. efSearch=128,nprobe=32)")
-        try:
-            number = int(value)
-        except ValueError:
-            number = 0
-        if number < 1 or not value.isdigit():
+        if not value.isdecimal() or int(value) < 1:  # int() takes exactly the decimal digits (no sign, no "_")
             raise InputError(f"--search-params: {name} must be a positive integer, got '{value}'")
-        params[name] = number
+        params[name] = int(value)
     if not params:
         raise InputError("--search-params is empty (use e.g. efSearch=128 or nprobe=32)")
     return params

@@ -61,6 +61,9 @@ class HybridRecipe:
             raise InputError(f"unknown hybrid signal {', '.join(unknown)} (use bm25, {', '.join(QUERY_MODES)})")
         if any(not w >= 0 for w in weights.values()):
             raise InputError(f"hybrid signal weights must be 0 or more, got {weights}")
+        fusion = kw.get("fusion", cls.fusion)
+        if fusion in WEIGHTLESS and len({w for w in weights.values() if w > 0}) > 1:
+            raise InputError(f"--fusion {fusion} fuses scores and takes no weights: give every signal the same weight")
         return cls(tuple((n, float(w)) for n, w in weights.items()), **kw)
 
     @classmethod
@@ -79,9 +82,7 @@ class HybridRecipe:
                 raise InputError(f"bad signal weight '{part}' (use e.g. bm25=1,teacher=0.5)") from None
         if fusion not in FUSIONS:
             raise InputError(f"unknown --fusion '{fusion}' (use {' or '.join(FUSIONS)})")
-        if fusion in WEIGHTLESS and len({w for w in weights.values() if w > 0}) > 1:
-            raise InputError(f"--fusion {fusion} fuses scores and takes no weights: give every signal the same weight")
-        recipe = cls.of(weights, fusion=fusion)  # names and signs checked first
+        recipe = cls.of(weights, fusion=fusion)  # names, signs and weights-for-this-fusion
         if not any(w > 0 for w in weights.values()):
             raise InputError(f"--signals '{spec}' names no signal with a weight above 0")
         return recipe

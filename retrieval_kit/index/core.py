@@ -871,9 +871,11 @@ def _fuse(parts: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: i
     scores, rows = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
     for i in range(nq):
         found = [(s[i][r[i] >= 0], r[i][r[i] >= 0]) for s, r in parts]
-        pairs = [list(zip(r.tolist(), s.astype(float).tolist())) for s, r in found]
-        fused = (rrf([r.tolist() for _, r in found], weights, rrf_k, limit=k) if fusion == "rrf" else
-                 dbsf(pairs, limit=k) if fusion == "dbsf" else convex(pairs, weights, limit=k))
+        if fusion == "rrf":  # ranks only
+            fused = rrf([r.tolist() for _, r in found], weights, rrf_k, limit=k)
+        else:
+            pairs = [list(zip(r.tolist(), s.astype(float).tolist())) for s, r in found]
+            fused = dbsf(pairs, limit=k) if fusion == "dbsf" else convex(pairs, weights, limit=k)
         for j, (row, score) in enumerate(fused):
             scores[i, j], rows[i, j] = score, row
     return scores, rows

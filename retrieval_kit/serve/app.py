@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import IndexError_, IndexLockedError, IndexMismatchError, InputError, RkitError
 from ..index import ChunkFilter
-from ..index.fusion import FUSIONS, WEIGHTLESS
+from ..index.fusion import FUSIONS
 from ..modes import QUERY_MODES
 from ..search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, SearchResult, hit_dict
 from .searcher import Searcher
@@ -91,10 +91,11 @@ class SearchOptions(BaseModel):
                                                     f"weights) or convex (default {DEFAULT_HYBRID.fusion})")
 
     @model_validator(mode="after")
-    def _weights_fit_the_fusion(self):
-        fusion = self.fusion or DEFAULT_HYBRID.fusion
-        if fusion in WEIGHTLESS and self.signals and len(set(self.signals.values())) > 1:
-            raise ValueError(f"fusion {fusion} takes no weights: give every signal the same weight")
+    def _recipe_is_valid(self):
+        try:  # HybridRecipe's own checks (e.g. dbsf takes no weights), as a 422 before the request is queued
+            self.recipe()
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def recipe(self) -> HybridRecipe:
