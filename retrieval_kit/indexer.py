@@ -135,8 +135,6 @@ def check_settings(settings: IndexSettings) -> None:
         raise InputError("--factory is for the faiss backend")
     if settings.search_params is not None and settings.backend == "qdrant":
         raise InputError("--search-params is for the faiss backend (efSearch, nprobe); Qdrant indexes have none")
-    if settings.search_params is not None and settings.factory is not None:
-        check_search_params(settings.search_params, settings.factory)
     if settings.fuse_weight is not None and not 0 <= settings.fuse_weight <= 1:
         raise InputError(f"--fuse-weight must be between 0 and 1, got {settings.fuse_weight}")
     words = settings.chunk_words if settings.chunk_words is not None else DEFAULTS["chunk_words"]
@@ -158,6 +156,9 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
     start = time.perf_counter()
     check_settings(settings)
     check_name(Path(folder).name)
+    if settings.search_params is not None and (rebuild or not _exists(folder)):
+        # a new index (or the one --rebuild makes) gets this factory: check its knobs before anything is removed
+        check_search_params(settings.search_params, settings.factory or DEFAULTS["factory"])
     docs, root = _read(corpus, settings.on_error, warn)
     if rebuild:
         remove_index(folder, wait=wait)
@@ -165,8 +166,6 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
     try:
         if index is not None:
             _check_against_index(index, settings)
-        elif settings.search_params is not None:  # a new index: the default factory must take them too
-            check_search_params(settings.search_params, settings.factory or DEFAULTS["factory"])
         encoder = load_encoder()
         if index is None:
             try:

@@ -134,3 +134,15 @@ def test_bench_perf_help_and_outside_a_checkout(tmp_path, monkeypatch):
     r = rkit("bench", "perf", "--quick")
     assert r.exit_code == 2, r.output
     one_line_error(r, "rkit bench perf runs from a source checkout of rkit: benchmarks/perf is not in")
+
+
+def test_a_rebuild_with_knobs_the_new_index_cannot_take_deletes_nothing(corpus, tmp_path, encoder, monkeypatch):
+    """--rebuild removes the index before building a new one: a flag the new (default Flat) factory refuses must
+    be refused first, so nothing already indexed is lost."""
+    home = tmp_path / "indexes"
+    index_corpus(corpus, home / "flat", lambda: encoder, "default", IndexSettings())
+    monkeypatch.setattr(models, "load_encoder", lambda *a, **k: pytest.fail("model loaded"))
+    one_line_error(rkit("index", corpus, "--index-dir", home, "--name", "flat", "--rebuild", "--search-params",
+                        "efSearch=64"), "efSearch needs an HNSW factory, not 'Flat'")
+    with Index.open(home / "flat") as index:
+        assert index.count_documents() == len(DOCS)
