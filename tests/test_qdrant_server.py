@@ -10,6 +10,7 @@ from qdrant_client import QdrantClient
 
 import retrieval_kit.index.qdrant_backend as qb
 from retrieval_kit.index import Index
+from conftest import assert_same_hits
 from test_index import DIM, ENCODER, corpus, doc, unit
 
 URL = "http://qdrant.test:6333"
@@ -141,8 +142,8 @@ def test_hybrid_on_a_server_fuses_in_the_query_api_like_faiss(tmp_path, server):
         remote = reader.search_hybrid(_signals("alpha beta", probe), k=6)[0]
         assert server.calls == ["query_batch_points", "query_batch_points"]  # fused request + each signal's list
         expected = local.search_hybrid(_signals("alpha beta", probe), k=6)[0]
-    assert [(h.chunk_id, round(h.score, 6), h.signals) for h in remote] == \
-           [(h.chunk_id, round(h.score, 6), h.signals) for h in expected]
+    assert_same_hits([[(h.chunk_id, h.score, h.signals) for h in remote]],
+                     [[(h.chunk_id, h.score, h.signals) for h in expected]])
     assert {"bm25", "teacher"} <= set().union(*(h.signals for h in remote))
 
 
