@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from retrieval_kit.errors import RkitError
+from retrieval_kit.paths import dtype_setting
 
 # Piped output is not wrapped at 80 columns (rich's default without a terminal): ids and paths must stay whole.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -34,6 +35,7 @@ def guarded(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            dtype_setting()  # a bad RKIT_DTYPE is refused before any command loads a model
             return func(*args, **kwargs)
         except RkitError as exc:
             fail(str(exc), exc.exit_code)

@@ -1,4 +1,5 @@
-"""Where rkit keeps things on disk. Everything is overridable by environment variables."""
+"""Where rkit keeps things on disk, and its other environment settings. Everything is overridable by environment
+variables."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ def rkit_home() -> Path:
 def index_home() -> Path:
     """Default parent folder of named indexes. ``RKIT_INDEX_HOME`` overrides ``./indexes``."""
     return Path(os.environ.get("RKIT_INDEX_HOME") or Path.cwd() / "indexes").expanduser()
+
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def dtype_setting() -> str:
+    """``RKIT_DTYPE``: the backbone's weight type, ``auto`` (the default: models/backbone.pick_dtype decides) or forced.
+
+    Read here, without torch, so the CLI can refuse a bad value in one line before it loads any model."""
+    from .errors import InputError
+
+    value = os.environ.get("RKIT_DTYPE", "").strip().lower() or "auto"
+    if value not in DTYPE_CHOICES:
+        raise InputError(f"RKIT_DTYPE={value!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    return value
 
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"

@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 # the dequantised backbone (~0.5 GB, ~20 s to make) is kept between runs, like a user's cache
 os.environ.setdefault("RKIT_HOME", str(REPO / ".cache" / "rkit"))
+# the suite's tight numeric comparisons (cache vs no cache, FAISS vs Qdrant) are written for float32, which every CPU
+# runs the same way; an AMX CPU would otherwise pick bf16. tests/test_dtype.py checks bf16 on its own.
+os.environ.setdefault("RKIT_DTYPE", "float32")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,60 @@
+"""The backbone's weight type: bf16 where the hardware multiplies bf16 natively, fp32 elsewhere, RKIT_DTYPE to force.
+
+The rest of the suite runs float32 (conftest), so these tests are where bf16 meets the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from retrieval_kit.errors import InputError
+from retrieval_kit.models import load_encoder
+from retrieval_kit.models.backbone import cpu_has_amx, pick_dtype
+
+QUERIES = ["how do I rotate the API keys?", "what causes the northern lights",
+           "error E1042 when mounting the backup volume", "best way to learn a second language as an adult"]
+
+
+def test_auto_picks_bf16_exactly_on_cpus_with_amx(monkeypatch):
+    monkeypatch.setenv("RKIT_DTYPE", "auto")
+    expected = torch.bfloat16 if cpu_has_amx() else torch.float32
+    assert pick_dtype(torch.device("cpu")) == expected
+    monkeypatch.delenv("RKIT_DTYPE")  # unset is auto too
+    assert pick_dtype(torch.device("cpu")) == expected
+
+
+def test_rkit_dtype_forces_either_type_and_refuses_others(monkeypatch):
+    for value, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16), (" BFloat16 ", torch.bfloat16)]:
+        monkeypatch.setenv("RKIT_DTYPE", value)
+        assert pick_dtype(torch.device("cpu")) == dtype
+    monkeypatch.setenv("RKIT_DTYPE", "half")
+    with pytest.raises(InputError, match="RKIT_DTYPE='half'"):
+        pick_dtype(torch.device("cpu"))
+
+
+def test_cli_refuses_a_bad_rkit_dtype_in_one_line_before_anything_else(monkeypatch, tmp_path):
+    from rkit_cli.main import app
+
+    monkeypatch.setenv("RKIT_DTYPE", "fp8")
+    result = CliRunner().invoke(app, ["search", "anything", "--index", "no-such-index", "--index-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "RKIT_DTYPE='fp8'" in lines[0]  # not the missing index: checked first
+    assert "Traceback" not in result.output
+
+
+def test_bf16_generative_embeddings_match_float32(encoder, monkeypatch):
+    """The shipped adapter was trained in fp32; in bf16 its query vectors must stay the same vectors."""
+    assert encoder.backbone.dtype == torch.float32  # the suite's fixture, forced by conftest
+    monkeypatch.setenv("RKIT_DTYPE", "bfloat16")
+    bf16 = load_encoder(device="cpu")
+    assert bf16.backbone.dtype == torch.bfloat16
+    ours, ref = bf16.encode(QUERIES), encoder.encode(QUERIES)
+    assert ours.dtype == np.float32
+    cos = (ours * ref).sum(-1)
+    assert cos.min() > 0.999, cos
+    # and the batch-of-one path (no padding) agrees with the batched one in bf16 as well
+    single = np.concatenate([bf16.encode([q]) for q in QUERIES])
+    assert (single * ours).sum(-1).min() > 0.999
