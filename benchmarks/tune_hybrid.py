@@ -1,13 +1,15 @@
 """Choose the hybrid recipe (and the index's default query mode) by retrieval on tune data, not on an evaluation set.
 
-    python -m benchmarks.tune_hybrid [--collections pool,stdlib-docs,stdlib-code] [--out benchmarks/results/tune]
+    python -m benchmarks.tune_hybrid [--collections pool,stdlib-docs,stdlib-code,man] [--out benchmarks/results/tune]
 
-Tune data (benchmarks/tune_collections.py): three collections that are no evaluation set, of three kinds.
+Tune data (benchmarks/tune_collections.py): four collections that are no evaluation set, of four kinds.
 ``pool``: prompts from the default training pool that the shipped adapter never saw, each with the backbone's own
 answer as its one relevant document (the generative embedding's home ground: it was trained to predict exactly
 these documents). ``stdlib-docs`` and ``stdlib-code``: a docstring's summary line from the running Python's
 standard library as the query, the rest of the docstring, or the function's code without it, as the document
-(written by people, not by the backbone). No CACM, AdvBench-IR or BRIGHT query or judgment is read.
+(written by people, not by the backbone). ``man``: a manual page's NAME description vs its DESCRIPTION section,
+technical prose where exact names and flags matter (added because the first three all favour dense retrieval;
+the candidates and the rule did not change with it). No CACM, AdvBench-IR or BRIGHT query or judgment is read.
 
 Every candidate runs through the product path (``rkit index``'s indexer + ``Retriever.search``). The rule,
 declared with the candidates before any run: the best mean nDCG@10 over the collections wins; a candidate within
