@@ -460,6 +460,18 @@ def test_the_cuda_configuration_bf16_backbone_and_autocast_runs_on_cpu(pool, tmp
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())  # the adapter stays fp32
 
 
+def test_the_amx_cpu_configuration_bf16_backbone_without_autocast_trains(pool, tmp_path, monkeypatch):
+    """On a CPU with AMX the backbone loads in bf16 by itself (pick_dtype) and the step runs without autocast (the
+    projections stay fp32, the encoder casts at the backbone's edges). Reach it the way a user does, by RKIT_DTYPE."""
+    monkeypatch.setenv("RKIT_DTYPE", "bfloat16")
+    summary = train(tiny(pool, tmp_path / "amx", steps=2), progress=False)
+    assert summary["status"] == "finished" and summary["machine"]["backbone_dtype"] == "bfloat16"
+    rows = [r for r in read_log(tmp_path / "amx" / "training_log.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["recon"] > 0 and r["grad_norm"] > 0 for r in rows)
+    weights = load_file(tmp_path / "amx" / "adapter.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_heavy_left_padding_and_truncated_queries_give_finite_gradients(fresh_encoder, dtype):
     """RESEARCH.md saw one non-finite gradient on GPU and suspected fully padded rows or queries cut past the

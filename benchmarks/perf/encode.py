@@ -5,7 +5,8 @@ matmul peak the encode reaches.
    HyDE as the product's benchmark runs it (the backbone generates up to 128 new tokens greedily, then the teacher
    embeds the answer), at batch 1 and 32, same queries, same process.
 3. Achieved FLOP/s of the encode at batch 64: the backbone's FLOPs counted from its config for the tokens the
-   batch really holds (padding is not counted as work), over a dense fp32 matmul's FLOP/s measured in this run.
+   batch really holds (padding is not counted as work), over the FLOP/s of a dense matmul in the backbone's own
+   weight type (fp32, or bf16 on a GPU or an AMX CPU: models/backbone.pick_dtype) measured in this run.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from .common import Figure, check, timed
 from .data import queries as pool_queries
 
 
-def _matmul_peak(device, n: int = 2048, repeat: int = 5) -> float:
-    """FLOP/s of an n×n fp32 matmul (bf16 on a GPU that supports it: what the encode itself runs in there)."""
+def _matmul_peak(device, dtype, n: int = 2048, repeat: int = 5) -> float:
+    """FLOP/s of an n×n matmul in `dtype` (the backbone's: what the encode itself multiplies in)."""
     import torch
 
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
 
@@ -87,7 +87,8 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     lengths = tok["attention_mask"].sum(-1).tolist()
     flops = encode_flops(encoder.backbone.config, lengths, encoder.special.shape[0])
     enc = timed(lambda: encoder.encode(batch, batch_size=64), repeat=3, warmup=1)
-    peak = _matmul_peak(dev)
+    peak = _matmul_peak(dev, encoder.backbone.dtype)
+    kind = str(encoder.backbone.dtype).removeprefix("torch.")
     achieved = flops / enc.min
     share = 100 * achieved / peak
     target = "≥ 40" if gpu else "≥ 25"
@@ -97,7 +98,7 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
                           f"padding adds {100 * (padded - sum(lengths)) / max(1, sum(lengths)):.0f}% tokens; "
                           "what is left is per-layer overhead that bigger backbones amortise")
     figures.append(Figure("encode efficiency", f"generative encode at batch 64 ({dev.type})", round(share, 1),
-                          "% of matmul peak", round(peak / 1e9, 1), f"dense {'bf16' if gpu else 'fp32'} 2048² matmul, GFLOP/s",
+                          "% of matmul peak", round(peak / 1e9, 1), f"dense {kind} 2048² matmul, GFLOP/s",
                           round(share, 1), target, met, why,
                           {"achieved_gflops": round(achieved / 1e9, 2), "peak_gflops": round(peak / 1e9, 2),
                            "encode_s": enc.as_dict(), "flops_per_batch": flops, "real_tokens": int(sum(lengths)),

@@ -62,7 +62,9 @@ def measure(quick: bool, device: str | None = None, peer: bool = True) -> dict:
         optimizer.step()
 
     batch = make_batch(encoder, qs, responses, targets, cfg)
-    result = {"tokens_per_step": int(batch["attention_mask"].sum()) + bs * encoder.special.shape[0]
+    losses = compute_losses(encoder, encoder, batch, cfg)  # the step's losses: a faster step must compute the same
+    result = {"losses": {k: round(float(v), 5) for k, v in losses.items()}, "backbone_dtype": str(encoder.backbone.dtype),
+              "tokens_per_step": int(batch["attention_mask"].sum()) + bs * encoder.special.shape[0]
               + int(batch["target_mask"].sum()), "target_tokens": int(batch["target_mask"].sum()),
               "query_tokens": int(batch["attention_mask"].sum()), "threads": torch.get_num_threads()}
     if peer:
