@@ -132,7 +132,7 @@ def search_cmd(
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
     # checked before any model loads
     hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion)
-    with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir) as retriever:
+    with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir, decoding=explain) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,
                                    explain=explain, explain_tokens=explain_tokens, hybrid=hybrid, where=where)
         info = retriever.encoder.describe()
@@ -223,7 +223,7 @@ def explain_cmd(
         raise InputError(f"--adapter {adapter}: not an adapter folder (no config.json)")
     from retrieval_kit.models import load_encoder
 
-    encoder = load_encoder(folder if adapter is not None else None, device=device)
+    encoder = load_encoder(folder if adapter is not None else None, device=device, decoding=True)
     told = explain_all(encoder, queries, encoder.decode(queries, max_new_tokens=tokens), top_k=top_k, answers=answers)
     info = encoder.describe()
     if as_json:

@@ -171,11 +171,12 @@ class Retriever:
 
     @classmethod
     def open(cls, name_or_path: str | Path, adapter: str | Path | None = None, device=None,
-             index_dir: str | Path | None = None) -> "Retriever":
+             index_dir: str | Path | None = None, decoding: bool = False) -> "Retriever":
+        """``decoding``: searches will be explained (decoded to text): models.load_encoder picks the weight type."""
         index = Index.open(index_folder(name_or_path, index_dir))
         try:
             folder, backbone, teacher = encoder_spec(index.manifest, adapter)
-            encoder = load_encoder(folder, backbone=backbone, teacher=teacher, device=device)
+            encoder = load_encoder(folder, backbone=backbone, teacher=teacher, device=device, decoding=decoding)
         except BaseException:
             index.close()
             raise

@@ -18,6 +18,7 @@ from retrieval_kit.paths import SAMPLE_CORPUS
 from rkit_cli.main import app
 
 RUNNER = CliRunner()
+DECODING_HINTS = []  # the `decoding` each CLI command passed to load_encoder (models/backbone.pick_dtype)
 KEYS_DOC = "security/rotating-api-keys.md"
 
 
@@ -27,7 +28,8 @@ def reuse_loaded_models(encoder, monkeypatch):
     cache = {}
     real = models.load_encoder
 
-    def cached(adapter=None, backbone=None, teacher=None, device=None, with_teacher=True):
+    def cached(adapter=None, backbone=None, teacher=None, device=None, with_teacher=True, decoding=False):
+        DECODING_HINTS.append(decoding)
         key = (str(adapter), backbone, teacher)
         if key not in cache:
             cache[key] = encoder if adapter is None and backbone is None and teacher is None else real(
@@ -73,8 +75,11 @@ def test_index_and_search_sample_corpus(index_home, corpus, encoder):
     report = json.loads(ok("index", corpus, "--name", "kb", "--json").stdout)
     assert report["added"] >= 15 and report["total_chunks"] >= report["total_documents"]
     out = search_json("how do I rotate the API keys?", "--index", "kb", "-k", "3", "--explain")
+    assert DECODING_HINTS[-1] is True  # an explained search asks for the weight type that decodes fastest
     (result,) = out["results"]
     assert result["hits"][0]["doc_id"] == KEYS_DOC
+    search_json("how do I rotate the API keys?", "--index", "kb", "-k", "3")
+    assert DECODING_HINTS[-1] is False
     told = result["explanation"]  # the explanation as the server sends it: text, trust note, lenses
     assert told["text"] and told["note"] and told["decoded_from"] == "generative"
     assert told["lens"]["words"] and len(told["lens"]["logit"]) == encoder.config.n_thought + encoder.config.n_compress

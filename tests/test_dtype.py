@@ -25,6 +25,29 @@ def test_auto_picks_bf16_exactly_on_cpus_with_amx(monkeypatch):
     assert pick_dtype(torch.device("cpu")) == expected
 
 
+def test_a_decoding_process_keeps_float32_on_amx_cpus_unless_forced(monkeypatch):
+    """--explain / rkit explain decode token by token: one-row products, where bf16 ran 2x slower than fp32."""
+    from retrieval_kit.models import backbone
+
+    monkeypatch.setattr(backbone, "cpu_has_amx", lambda: True)
+    monkeypatch.setenv("RKIT_DTYPE", "auto")
+    assert pick_dtype(torch.device("cpu")) == torch.bfloat16
+    assert pick_dtype(torch.device("cpu"), decoding=True) == torch.float32
+    monkeypatch.setenv("RKIT_DTYPE", "bfloat16")  # a forced type is what the user asked for, decoding or not
+    assert pick_dtype(torch.device("cpu"), decoding=True) == torch.bfloat16
+
+
+def test_the_decoding_hint_reaches_the_backbone_the_encoder_loads(monkeypatch):
+    """load_encoder(decoding=True) (what an explained search opens, tests/test_cli.py checks the CLI asks for
+    it) loads the shipped adapter's backbone in fp32 on an AMX CPU, bf16 without the hint."""
+    from retrieval_kit.models import backbone
+
+    monkeypatch.setattr(backbone, "cpu_has_amx", lambda: True)
+    monkeypatch.setenv("RKIT_DTYPE", "auto")
+    assert load_encoder(device="cpu", decoding=True).backbone.dtype == torch.float32
+    assert load_encoder(device="cpu").backbone.dtype == torch.bfloat16
+
+
 def test_rkit_dtype_forces_either_type_and_refuses_others(monkeypatch):
     for value, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16), (" BFloat16 ", torch.bfloat16)]:
         monkeypatch.setenv("RKIT_DTYPE", value)

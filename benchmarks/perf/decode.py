@@ -17,7 +17,7 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
 
     from retrieval_kit.models import load_encoder
 
-    encoder = load_encoder(device=device)
+    encoder = load_encoder(device=device, decoding=True)  # the weight type `--explain` loads (backbone.pick_dtype)
     figures = []
     qs = pool_queries(16)
     _, soft = encoder.encode(qs, with_soft_prompts=True)

@@ -25,20 +25,23 @@ __all__ = [
 
 
 def load_encoder(adapter: str | Path | None = None, backbone: str | None = None, teacher: str | None = None,
-                 device=None, with_teacher: bool = True) -> GenerativeEncoder:
+                 device=None, with_teacher: bool = True, decoding: bool = False) -> GenerativeEncoder:
     """The encoder a user asked for.
 
     - `adapter` given: that folder (its config names backbone and teacher; passing different ones is an error).
     - no adapter, no backbone/teacher: the adapter shipped with the package.
     - no adapter but a backbone or teacher: a fresh untrained adapter for that pair (for training from scratch).
+
+    ``decoding``: this process will decode text (``--explain``): the backbone's weight type is picked for that
+    (models/backbone.pick_dtype).
     """
     if adapter is None and backbone is None and teacher is None and (DEFAULT_ADAPTER / "config.json").is_file():
         adapter = DEFAULT_ADAPTER
     if adapter is None:
         config = EncoderConfig(backbone=backbone or DEFAULT_BACKBONE, teacher=teacher or DEFAULT_TEACHER)
-        return build_encoder(config, device, with_teacher)
+        return build_encoder(config, device, with_teacher, decoding)
     config = read_adapter_config(adapter)
     for given, stored, what in ((backbone, config.backbone, "backbone"), (teacher, config.teacher, "teacher")):
         if given is not None and given != stored:
             raise ModelError(f"adapter {adapter} was trained for {what} '{stored}', not '{given}'")
-    return load_adapter(adapter, device, with_teacher)
+    return load_adapter(adapter, device, with_teacher, decoding)

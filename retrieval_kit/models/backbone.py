@@ -162,20 +162,23 @@ def pick_device(device: str | None = None) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
+def pick_dtype(device: torch.device, decoding: bool = False) -> torch.dtype:
     """The backbone's weight type: bf16 where the hardware multiplies bf16 natively, float32 elsewhere.
 
     GPUs with bf16 support, and CPUs with AMX tiles (Intel Xeon 4th generation and later): there a bf16 matmul
     ran 3.7x an fp32 one (691 vs 188 GFLOP/s, 2-core Xeon, benchmarks/perf/README.md) and the generative
     embeddings stay within cos 0.9995 of fp32 (tests/test_dtype.py). Other CPUs emulate bf16 and gain nothing,
-    so they stay fp32. ``RKIT_DTYPE=float32|bfloat16`` overrides (paths.dtype_setting; the CLI checks it first).
+    so they stay fp32. ``decoding``: the caller will decode text token by token (``--explain``, ``rkit
+    explain``); on a CPU that is a chain of one-row matrix-vector products, where AMX gives nothing and a bf16
+    one ran 2x slower than fp32 (576x576: 69 vs 31 us, the same Xeon), so such a process keeps fp32 there.
+    ``RKIT_DTYPE=float32|bfloat16`` overrides (paths.dtype_setting; the CLI checks it first).
     """
     forced = dtype_setting()
     if forced != "auto":
         return DTYPES[forced]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_amx():
+    if device.type == "cpu" and cpu_has_amx() and not decoding:
         return torch.bfloat16
     return torch.float32
 
@@ -189,7 +192,8 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def load_backbone(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_backbone(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                  decoding: bool = False):
     """Return (model, tokenizer), frozen, in eval mode, on `device`.
 
     Raises ModelError with one line when the name is neither an alias, a local folder, nor cached offline.
@@ -197,7 +201,7 @@ def load_backbone(name: str | None = None, device: str | torch.device | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(str(device) if device is not None else None)
-    dtype = dtype or pick_dtype(device)
+    dtype = dtype or pick_dtype(device, decoding)
     source = resolve_backbone(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

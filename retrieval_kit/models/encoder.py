@@ -579,15 +579,17 @@ def read_adapter_config(folder: str | Path) -> EncoderConfig:
     return config
 
 
-def build_encoder(config: EncoderConfig, device=None, with_teacher: bool = True) -> GenerativeEncoder:
+def build_encoder(config: EncoderConfig, device=None, with_teacher: bool = True,
+                  decoding: bool = False) -> GenerativeEncoder:
     device = pick_device(str(device) if device is not None else None)
-    backbone, tokenizer = load_backbone(config.backbone, device)
+    backbone, tokenizer = load_backbone(config.backbone, device, decoding=decoding)
     teacher = load_teacher(config.teacher, device) if with_teacher else None
     return GenerativeEncoder(config, backbone, tokenizer, teacher)
 
 
-def load_adapter(folder: str | Path, device=None, with_teacher: bool = True) -> GenerativeEncoder:
-    """Load an adapter folder: its config names the backbone and teacher, its weights fill the trainable parts."""
+def load_adapter(folder: str | Path, device=None, with_teacher: bool = True, decoding: bool = False) -> GenerativeEncoder:
+    """Load an adapter folder: its config names the backbone and teacher, its weights fill the trainable parts.
+    ``decoding``: the caller will decode text (backbone.pick_dtype)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -598,11 +600,11 @@ def load_adapter(folder: str | Path, device=None, with_teacher: bool = True) -> 
     if config.hidden_size and config.embed_dim:  # every adapter the trainer writes: models load on first use
         device = str(pick_device(str(device) if device is not None else None))
         loaders = {"device": device,
-                   "backbone": lambda where: load_backbone(config.backbone, where),
+                   "backbone": lambda where: load_backbone(config.backbone, where, decoding=decoding),
                    "teacher": (lambda where: load_teacher(config.teacher, where)) if with_teacher else None}
         encoder = GenerativeEncoder(config, None, None, loaders=loaders)
     else:
-        encoder = build_encoder(config, device, with_teacher)
+        encoder = build_encoder(config, device, with_teacher, decoding)
     encoder.folder = folder  # where its answer bank lives (models/lens.py)
     try:
         state = load_file(str(weights))
