@@ -449,7 +449,7 @@ def test_the_cuda_configuration_bf16_backbone_and_autocast_runs_on_cpu(pool, tmp
     backbone and the autocast projections show up here and not on someone's GPU."""
     import retrieval_kit.models.backbone as backbone_module
 
-    monkeypatch.setattr(backbone_module, "pick_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(backbone_module, "pick_dtype", lambda device, decoding=False: torch.bfloat16)
     monkeypatch.setattr(loop_module, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     summary = train(tiny(pool, tmp_path / "bf16", steps=2, decode_samples=1), progress=False)
     assert summary["status"] == "finished" and summary["machine"]["backbone_dtype"] == "bfloat16"
