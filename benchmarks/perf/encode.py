@@ -52,6 +52,7 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     import torch
 
     from retrieval_kit.models import load_encoder
+    from retrieval_kit.models.backbone import pick_dtype
 
     encoder = load_encoder(device=device)
     dev = encoder.device
@@ -59,9 +60,9 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     n1, n32 = (4, 32) if quick else (16, 64)
     qs = pool_queries(max(n1, n32, 64 * (1 if quick else 2)))
     encoder.encode(qs[:4])  # loads the backbone, warms the kernels
-    generator = load_encoder(device=device, decoding=True)  # HyDE's decoder, in the type that decodes fastest
-    if generator.backbone.dtype == encoder.backbone.dtype:
-        generator = encoder
+    # HyDE's decoder, in the type that decodes fastest: a second backbone only where that type differs
+    decodes_in = pick_dtype(dev, decoding=True)
+    generator = encoder if decodes_in == encoder.backbone.dtype else load_encoder(device=device, decoding=True)
     generator.generate(qs[:2], max_new_tokens=4)
     figures = []
     for batch, n in ((1, n1), (32, n32)):
