@@ -48,6 +48,7 @@ from retrieval_kit.paths import rkit_home
 DATA = Path(os.environ.get("RKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RKIT = Path(sys.executable).with_name("rkit")
 SHARD_DOCS = 1000
+SEEN_WAIT_S = 30  # how long after a writer exits its update may take to become searchable before it counts as lost
 MAX_WORDS = 150  # under the default 200-word chunk: one document is one chunk
 MODES = {"teacher": {"query_mode": "teacher"}, "hybrid": {"query_mode": "hybrid"},
          "hybrid-lexical": {"query_mode": "hybrid", "signals": {"bm25": 1, "teacher": 1}}}
@@ -163,8 +164,20 @@ async def _client(url: str, queries: list[str], body: dict, deadline: float, off
                 await asyncio.sleep(0.05)  # a server that is down is retried, not spun on
 
 
-def load(url: str, queries: list[str], body: dict, clients: int, seconds: float, during=None) -> dict:
-    """``clients`` closed-loop clients for ``seconds``; ``during``: a coroutine run alongside (writer, kill)."""
+def _cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) the process ``pid`` has used so far; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def load(url: str, queries: list[str], body: dict, clients: int, seconds: float, during=None,
+         pid: int | None = None) -> dict:
+    """``clients`` closed-loop clients for ``seconds``; ``during``: a coroutine run alongside (writer, kill).
+    ``pid``: the server's, to split the CPU time a request costs between it and these clients (both share the
+    machine's cores, so the clients' share is time the server could not use)."""
 
     async def run():
         out: list = []
@@ -174,10 +187,15 @@ def load(url: str, queries: list[str], body: dict, clients: int, seconds: float,
         results = await asyncio.gather(*tasks, *extra)
         return out, (results[-1] if during else None)
 
-    started = time.perf_counter()
+    started, server_cpu, client_cpu = time.perf_counter(), _cpu_s(pid), time.process_time()
     out, extra = asyncio.run(run())
     wall = time.perf_counter() - started
-    return {**summarise(out, wall), "extra": extra, "_raw": out}
+    summary = summarise(out, wall)
+    server_after = _cpu_s(pid)
+    if summary["ok"] and server_cpu is not None and server_after is not None:
+        summary["server_cpu_ms_per_request"] = round(1000 * (server_after - server_cpu) / summary["ok"], 2)
+        summary["client_cpu_ms_per_request"] = round(1000 * (time.process_time() - client_cpu) / summary["ok"], 2)
+    return {**summary, "extra": extra, "_raw": out}
 
 
 def summarise(out: list, wall: float) -> dict:
@@ -211,10 +229,14 @@ def writer_phase(server: Server, corpus: Path, folder: Path, queries, clients, s
                 writing = asyncio.ensure_future(proc.communicate())
                 wrote = seen_new = None
                 # check all the time the writer runs and after: never both texts, never NEW before the update's
-                # generation nor OLD after it
-                while time.perf_counter() < deadline and seen_new is None:
+                # generation nor OLD after it. Past the load's deadline too, until the writer has exited and NEW
+                # shows (at most SEEN_WAIT_S after the exit): an update must become searchable, not just not break
+                while seen_new is None:
+                    now = time.perf_counter()
                     if wrote is None and writing.done():
-                        wrote = time.perf_counter()
+                        wrote = now
+                    if now >= deadline and wrote is not None and now >= wrote + SEEN_WAIT_S:
+                        break
                     for token, is_new in ((f"zqxvNEW{version}", True), (f"zqxvOLD{version}", False)):
                         r = (await http.post("/search", json={"query": token, "k": 3, "query_mode": "bm25"})).json()
                         events["checks"] += 1
@@ -242,7 +264,7 @@ def writer_phase(server: Server, corpus: Path, folder: Path, queries, clients, s
                     break
         return events
 
-    result = load(server.url, queries, MODES["teacher"], clients, seconds, during=checker)
+    result = load(server.url, queries, MODES["teacher"], clients, seconds, during=checker, pid=server.proc.pid)
     # leave the corpus as the build made it, and the index in step with it
     (corpus / "planted.jsonl").write_text(_planted(0))
     subprocess.run([str(RKIT), "index", str(corpus), "--name", folder.name, "--index-dir", str(folder.parent)],
@@ -311,7 +333,8 @@ def main() -> None:
         load(server.url, sets["short"], MODES["teacher"], 4, 3)  # warm-up
         for label, body, which, clients, seconds in phases:
             print(f"load: {label} …", flush=True)
-            results["phases"][label] = _public(load(server.url, sets[which], body, clients, seconds))
+            results["phases"][label] = _public(load(server.url, sets[which], body, clients, seconds,
+                                                         pid=server.proc.pid))
             print(f"  {results['phases'][label]}", flush=True)
         print("writer under load …", flush=True)
         results["writer"] = _public(writer_phase(server, corpus, folder, sets["short"], c, t))
@@ -328,7 +351,8 @@ def main() -> None:
         for mode in ("teacher", "hybrid"):
             label = f"{mode} · {c} clients · --max-batch 1"
             print(f"load: {label} …", flush=True)
-            results["phases"][label] = _public(load(unbatched.url, sets["short"], MODES[mode], c, t))
+            results["phases"][label] = _public(load(unbatched.url, sets["short"], MODES[mode], c, t,
+                                                              pid=unbatched.proc.pid))
     finally:
         unbatched.stop()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -378,9 +402,14 @@ def report(r: dict) -> str:
              f"queries, CACM and AdvBench-IR documents) repeated in shards. Queries: held-out training-pool records "
              f"(mean words: {words}). Server start to ready: {r['start_to_ready_s']} s. "
              "Command: `python -m benchmarks.serve_load" + ("" if r["factory"] == "Flat" else f" --factory {r['factory']}") + "`.",
-             "", "| load | requests | errors | QPS | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+             "", "CPU ms per request: CPU time the server process (and the clients, in this process) used over the phase, "
+             "divided by the requests answered; the two share the cores, so the sum bounds QPS at about "
+             "cores × 1000 / (server + clients).", "",
+             "| load | requests | errors | QPS | p50 ms | p90 ms | p99 ms | server CPU ms/req | clients CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, s in r["phases"].items():
-        lines.append(f"| {label} | {s['requests']} | {s['errors']} | {s['qps']} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} |")
+        lines.append(f"| {label} | {s['requests']} | {s['errors']} | {s['qps']} | {s['p50_ms']} | {s['p90_ms']} | "
+                     f"{s['p99_ms']} | {s.get('server_cpu_ms_per_request', '–')} | {s.get('client_cpu_ms_per_request', '–')} |")
     w = r.get("writer") or {}
     if w:
         ev = w.get("extra") or {}
@@ -388,7 +417,9 @@ def report(r: dict) -> str:
                   f"(p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms); {len(ev.get('wrong', []))} wrong hits in "
                   f"{ev.get('checks')} checks; updates: "
                   + "; ".join(f"v{u.get('version')}: `rkit index` {u.get('index_s')} s ({u.get('re_embedded')} chunks "
-                              f"re-embedded), searchable {u.get('searchable_after_s')} s after it exited"
+                              f"re-embedded), " + (f"searchable {u['searchable_after_s']} s after it exited"
+                                                     if u.get("searchable_after_s") is not None
+                                                     else f"NOT searchable {SEEN_WAIT_S} s after it exited")
                               for u in ev.get("updates", []))]
     k = r.get("kill") or {}
     if k:

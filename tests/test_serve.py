@@ -162,10 +162,13 @@ def test_indexes_health_metrics_and_schema(client):
     assert kb["documents"] == 21 and kb["chunks"] >= 21 and kb["backend"] == "faiss" and kb["default_query_mode"] == "hybrid"
     assert client.get("/health").json() == {"status": "ready", "indexes": ["kb", "kbq"]}
     _search(client, query="zephyrine", k=1, query_mode="bm25")
+    assert client.post("/search", content=b'{"query": "' + b"a" * 70000 + b'"}').status_code == 413
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert 'rkit_requests_total{method="POST",path="/search",status="200"}' in metrics.text
     assert 'rkit_request_seconds_bucket{le="0.005",path="/search"}' in metrics.text
+    # the body limit answers before any route matches: counted too, under no route's name
+    assert 'rkit_requests_total{method="POST",path="unmatched",status="413"}' in metrics.text
     assert 'rkit_index_generation{index="kb"}' in metrics.text
     schema = client.get("/openapi.json").json()
     assert {"/search", "/search/batch", "/explain", "/documents/{chunk_id}", "/indexes", "/health",

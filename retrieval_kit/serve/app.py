@@ -242,31 +242,24 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(_Count, metrics=metrics)  # added last, so outermost: it counts the body limit's 413s too
     bearer = HTTPBearer(auto_error=False)
 
-    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    # the guards are async (they never block): FastAPI runs a plain ``def`` dependency on its thread pool, two
+    # thread hand-offs per request for a string compare and a flag read
+    async def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if config.token is None:
             return
         given = credentials.credentials if credentials is not None else ""
         if not secrets.compare_digest(given.encode(), config.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def ready() -> None:
+    async def ready() -> None:
         if not searcher.ready.is_set():
             message = f"models failed to load: {searcher.load_error}" if searcher.load_error else "models are loading"
             raise HTTPException(503, message, headers={"Retry-After": "2"})
 
     guard = [Depends(authorised), Depends(ready)]
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
 
     # -- errors as JSON -------------------------------------------------------------------------
     @app.exception_handler(HTTPException)
@@ -284,7 +277,7 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
 
     # -- endpoints --------------------------------------------------------------------------------
     @app.get("/health", summary="ready once models and indexes are loaded (503 before)")
-    def health():
+    async def health():
         if searcher.ready.is_set():
             return {"status": "ready", "indexes": list(searcher.served)}
         if searcher.load_error:
@@ -446,6 +439,32 @@ class _Metrics:
                                 registry=self.registry)
 
 
+class _Count:
+    """Request counts and latencies by route, as plain ASGI middleware (Starlette's ``@app.middleware("http")``
+    runs every request through extra tasks and memory streams, a cost paid per request under load)."""
+
+    def __init__(self, app, metrics: _Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # 500 unless a response starts: the app raised
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the router sets it on the shared scope
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
 class _BodyLimit:
     """413 for a body over ``limit`` bytes, by its Content-Length or, for a chunked body, as it streams in
     (read here, up to the limit, then handed on whole: the app never sees a partial body)."""
@@ -457,11 +476,11 @@ class _BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = _error(413, f"request body over {self.limit} bytes")
+        too_big = lambda: _error(413, f"request body over {self.limit} bytes")  # noqa: E731 (made when needed)
         if length is not None and not length.isdigit():
             return await _error(400, "bad Content-Length header")(scope, receive, send)
         if length is not None and int(length) > self.limit:
-            return await too_big(scope, receive, send)
+            return await too_big()(scope, receive, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -470,7 +489,7 @@ class _BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await too_big(scope, receive, send)
+                return await too_big()(scope, receive, send)
         replayed = False
 
         async def replay():
