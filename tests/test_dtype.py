@@ -81,3 +81,28 @@ def test_bf16_generative_embeddings_match_float32(encoder, monkeypatch):
     # and the batch-of-one path (no padding) agrees with the batched one in bf16 as well
     single = np.concatenate([bf16.encode([q]) for q in QUERIES])
     assert (single * ours).sum(-1).min() > 0.999
+
+
+DOCUMENTS = ["To rotate an API key, create a new key in the console, deploy it, then revoke the old one.",
+             "Aurorae are caused by charged particles from the sun striking the upper atmosphere.",
+             "E1042: the backup volume is already mounted read-only; unmount it before mounting again.",
+             "Adults learn languages best with spaced repetition and daily conversation practice."]
+
+
+def test_the_teacher_follows_the_backbones_pick_and_stays_in_the_same_space(encoder, monkeypatch):
+    """A bf16 teacher (AMX CPUs, RKIT_DTYPE=bfloat16) embeds into the same space as fp32: an index built in one
+    type is searched with queries made in the other. Its rows are unit length in float32 (sentence-transformers
+    would normalise in bf16, norms off by ~1e-3)."""
+    monkeypatch.setenv("RKIT_DTYPE", "bfloat16")
+    bf16 = load_encoder(device="cpu")
+    assert next(bf16.teacher.parameters()).dtype == torch.bfloat16
+    texts = QUERIES + DOCUMENTS
+    ours, ref = bf16.encode_teacher(texts), encoder.encode_teacher(texts)
+    assert ours.dtype == np.float32
+    assert np.abs(np.linalg.norm(ours, axis=1) - 1).max() < 1e-5
+    assert (ours * ref).sum(-1).min() > 0.995
+    # each query still finds its document, bf16 queries against fp32 documents
+    queries = bf16.encode_teacher(QUERIES, role="query")
+    assert list((queries @ ref[len(QUERIES):].T).argmax(1)) == [0, 1, 2, 3]
+    monkeypatch.setenv("RKIT_DTYPE", "float32")
+    assert next(load_encoder(device="cpu").teacher.parameters()).dtype == torch.float32

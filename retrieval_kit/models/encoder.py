@@ -448,9 +448,11 @@ class GenerativeEncoder(nn.Module):
         if not texts:
             return np.zeros((0, self.config.embed_dim), dtype=np.float32)
         encode = self.teacher.encode_query if role == "query" else self.teacher.encode_document
-        vecs = encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+        # normalised here, in float32: sentence-transformers would normalise in the model's type, and a bf16/fp16
+        # teacher's rows then come out with norms up to ~1.002
+        vecs = encode(list(texts), batch_size=batch_size, normalize_embeddings=False,
                       convert_to_numpy=True, show_progress_bar=show_progress)
-        return vecs.astype(np.float32)
+        return _normalise(vecs.astype(np.float32))
 
     def encode_queries(self, texts: Sequence[str], mode: str = "generative", fuse_weight: float | None = None,
                        batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
