@@ -323,7 +323,8 @@ def main() -> None:
               ("hybrid · 1 client", MODES["hybrid"], "short", 1, t / 3),
               (f"hybrid · {c} clients", MODES["hybrid"], "short", c, t),
               (f"teacher · {c} clients · pool queries", MODES["teacher"], "pool", c, t)]
-    results: dict = {"machine": machine_info(), "chunks": args.chunks, "factory": args.factory, "clients": c,
+    command = "python -m benchmarks.serve_load" + " ".join([""] + sys.argv[1:])
+    results: dict = {"machine": machine_info(), "command": command, "chunks": args.chunks, "factory": args.factory, "clients": c,
                      "seconds": t, "distinct_texts": int((corpus / "DONE").read_text()),
                      "query_words": {k: round(statistics.fmean(len(q.split()) for q in v), 1) for k, v in sets.items()},
                      "phases": {}}
@@ -401,7 +402,7 @@ def report(r: dict) -> str:
              f"the clients run on the same machine. Corpus: {r['distinct_texts']:,} distinct texts (training-pool "
              f"queries, CACM and AdvBench-IR documents) repeated in shards. Queries: held-out training-pool records "
              f"(mean words: {words}). Server start to ready: {r['start_to_ready_s']} s. "
-             "Command: `python -m benchmarks.serve_load" + ("" if r["factory"] == "Flat" else f" --factory {r['factory']}") + "`.",
+             f"Command: `{r.get('command') or 'python -m benchmarks.serve_load'}`.",
              "", "CPU ms per request: CPU time the server process (and the clients, in this process) used over the phase, "
              "divided by the requests answered; the two share the cores, so the sum bounds QPS at about "
              "cores × 1000 / (server + clients).", "",
