@@ -402,7 +402,8 @@ def report(r: dict) -> str:
              f"the clients run on the same machine. Corpus: {r['distinct_texts']:,} distinct texts (training-pool "
              f"queries, CACM and AdvBench-IR documents) repeated in shards. Queries: held-out training-pool records "
              f"(mean words: {words}). Server start to ready: {r['start_to_ready_s']} s. "
-             f"Command: `{r.get('command') or 'python -m benchmarks.serve_load'}`.",
+             # results written before the command was recorded: rebuilt from what they hold
+             f"Command: `{r.get('command') or 'python -m benchmarks.serve_load' + ('' if r['factory'] == 'Flat' else ' --factory ' + r['factory'])}`.",
              "", "CPU ms per request: CPU time the server process (and the clients, in this process) used over the phase, "
              "divided by the requests answered; the two share the cores, so the sum bounds QPS at about "
              "cores × 1000 / (server + clients).", "",
