@@ -27,7 +27,7 @@ from pathlib import Path
 from retrieval_kit.machine import machine_info
 from retrieval_kit.paths import rkit_home
 
-from .serve_load import DATA, MODES, Server, _public, build, load
+from .serve_load import MODES, Server, _public, build, load, query_sets
 
 AUTO_PICKED = ("uvloop", "httptools")  # what uvicorn uses when importable, whether or not it was asked for
 PHASES = [("teacher · 1 client", MODES["teacher"], 1), ("teacher · 16 clients", MODES["teacher"], 16),
@@ -60,8 +60,7 @@ def main() -> None:
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,
                           capture_output=True, text=True).stdout.strip()
     _, folder = build(args.chunks, rkit_home() / "bench" / "serve")
-    mixed = [json.loads(line)["text"] for line in open(DATA / "train_queries" / "mixed.jsonl", encoding="utf-8")]
-    short = [q for q in mixed[20_000:] if len(q.split()) <= 16][:1000]  # held out, as serve_load's
+    short = query_sets()["short"]  # held out, serve_load's search-box queries
 
     with tempfile.TemporaryDirectory(prefix="rkit-compare-") as scratch:
         worktree = Path(scratch) / "ref"
@@ -75,14 +74,8 @@ def main() -> None:
         try:
             for _ in range(args.rounds):
                 for name, extra in sides.items():
-                    saved = dict(os.environ)
-                    os.environ.update(extra)  # Server.start's subprocess inherits it
-                    server = Server(folder)
-                    try:
-                        server.start()
-                    finally:
-                        os.environ.clear()
-                        os.environ.update(saved)
+                    server = Server(folder, env=extra)
+                    server.start()
                     try:
                         load(server.url, short, MODES["teacher"], 4, 3)  # warm-up
                         for label, body, clients in PHASES:

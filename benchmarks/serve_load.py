@@ -100,6 +100,13 @@ def _planted(version: int, new: bool = False) -> str:
     return "".join(json.dumps(d) + "\n" for d in docs)
 
 
+def query_sets() -> dict[str, list[str]]:
+    mixed = [json.loads(line)["text"] for line in open(DATA / "train_queries" / "mixed.jsonl", encoding="utf-8")]
+    held_out = mixed[20_000:]  # never used to train the shipped adapter or tune the hybrid recipe
+    return {"short": [q for q in held_out if len(q.split()) <= 16][:1000],  # search-box queries
+            "pool": [q for q in held_out[:1000] if len(q) <= 1000]}  # the pool as it comes (prompts, problems)
+
+
 # -- server -----------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -108,8 +115,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, folder: Path, max_batch: int = 32):
+    """``env``: variables set for the server process on top of this one's (serve_compare runs an earlier
+    commit's code through PYTHONPATH)."""
+
+    def __init__(self, folder: Path, max_batch: int = 32, env: dict | None = None):
         self.folder, self.max_batch, self.port, self.proc = folder, max_batch, _free_port(), None
+        self.env = {**os.environ, **env} if env else None
 
     @property
     def url(self) -> str:
@@ -120,7 +131,7 @@ class Server:
         started = time.perf_counter()
         self.proc = subprocess.Popen([str(RKIT), "serve", "--index", str(self.folder), "--port", str(self.port),
                                       "--max-batch", str(self.max_batch)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env)
         while time.perf_counter() - started < 300:
             if self.proc.poll() is not None:
                 raise SystemExit(f"rkit serve exited: {self.proc.stderr.read()[-2000:]}")
@@ -310,10 +321,7 @@ def main() -> None:
         args.chunks, args.seconds = 5000, 10
     home = rkit_home() / "bench" / "serve"
     corpus, folder = build(args.chunks, home, args.factory)
-    mixed = [json.loads(line)["text"] for line in open(DATA / "train_queries" / "mixed.jsonl", encoding="utf-8")]
-    held_out = mixed[20_000:]  # never used to train the shipped adapter or tune the hybrid recipe
-    sets = {"short": [q for q in held_out if len(q.split()) <= 16][:1000],  # search-box queries
-            "pool": [q for q in held_out[:1000] if len(q) <= 1000]}  # the pool as it comes (prompts, problems)
+    sets = query_sets()
     c, t = args.clients, args.seconds
     # (label, request fields, query set, clients, seconds)
     phases = [("teacher · 1 client", MODES["teacher"], "short", 1, t / 3),

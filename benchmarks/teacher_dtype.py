@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval_kit.bench.datasets import load_beir
+from retrieval_kit.bench.metrics import evaluate_run
 from retrieval_kit.machine import machine_info
+from retrieval_kit.models.encoder import _normalise
 
 DATA = Path(os.environ.get("RKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -34,20 +37,17 @@ def _teacher(dtype: str):
 
 
 def _embed(model, texts: list[str], batch: int) -> np.ndarray:
-    vecs = model.encode(texts, batch_size=batch, normalize_embeddings=False, convert_to_numpy=True).astype(np.float32)
-    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs = model.encode(texts, batch_size=batch, normalize_embeddings=False, convert_to_numpy=True)
+    return _normalise(vecs.astype(np.float32))  # as encode_teacher does
 
 
 def _ndcg(docs, doc_ids, queries, query_ids, qrels) -> float:
-    import pytrec_eval
-
     scores = queries @ docs.T
     run = {}
     for i, qid in enumerate(query_ids):
         top = np.argsort(-scores[i])[:100]
         run[qid] = {doc_ids[j]: float(scores[i, j]) for j in top}
-    evaluated = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
-    return round(float(np.mean([v["ndcg_cut_10"] for v in evaluated.values()])), 4)
+    return round(evaluate_run(run, qrels, ["ndcg@10"])["ndcg@10"], 4)
 
 
 def _time(model, texts: list[str], batch: int, rounds: int) -> float:
@@ -66,25 +66,18 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA / "cacm")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher-dtype.json"))
     args = ap.parse_args()
-    docs = [json.loads(line) for line in open(args.data / "corpus.jsonl", encoding="utf-8")]
-    qrels: dict = {}
-    for path in sorted((args.data / "qrels").glob("*.tsv")):
-        for line in open(path, encoding="utf-8").read().splitlines()[1:]:
-            qid, did, score = line.split("\t")[:3]
-            qrels.setdefault(qid, {})[did] = int(score)
-    queries = [q for q in (json.loads(line) for line in open(args.data / "queries.jsonl", encoding="utf-8"))
-               if q["_id"] in qrels]
-    texts = [" ".join(f"{d.get('title', '')} {d.get('text', '')}".split()) for d in docs]
+    data = load_beir(args.data)  # the judged queries, the corpus in BEIR's "title text" form
+    texts, queries = data.doc_texts(), list(data.queries.values())
     pool = [json.loads(line)["text"] for line in open(DATA / "train_queries" / "mixed.jsonl", encoding="utf-8")]
     short = [q for q in pool[20_000:21_000] if len(q.split()) <= 16]  # held out, never an evaluation set
 
     threads = torch.get_num_threads()
-    out: dict = {"machine": machine_info(), "documents": len(docs), "queries": len(queries), "types": {}}
+    out: dict = {"machine": machine_info(), "documents": len(texts), "queries": len(queries), "types": {}}
     vectors = {}
     for dtype in ("float32", "bfloat16"):
         model = _teacher(dtype)
         started = time.perf_counter()
-        vectors[dtype] = (_embed(model, texts, 64), _embed(model, [q["text"] for q in queries], 32))
+        vectors[dtype] = (_embed(model, texts, 64), _embed(model, queries, 32))
         row = {"corpus_s": round(time.perf_counter() - started, 1)}
         for n in sorted({1, threads}):
             torch.set_num_threads(n)
@@ -93,7 +86,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         out["types"][dtype] = row
         print(dtype, row, flush=True)
-    doc_ids, query_ids = [d["_id"] for d in docs], [q["_id"] for q in queries]
+    doc_ids, query_ids, qrels = data.doc_ids, list(data.queries), data.qrels
     out["ndcg@10"] = {f"documents {d} · queries {q}": _ndcg(vectors[d][0], doc_ids, vectors[q][1], query_ids, qrels)
                       for d in vectors for q in vectors}
     cos = (vectors["float32"][0] * vectors["bfloat16"][0]).sum(1)

@@ -55,8 +55,8 @@ def load_teacher(name: str | None = None, device=None):
     """Return a SentenceTransformer in eval mode: fp16 on CUDA (bf16 for Gemma-family encoders), bf16 on a CPU
     where ``pick_dtype`` picks it for the backbone (AMX tiles, or ``RKIT_DTYPE=bfloat16``), float32 elsewhere.
 
-    bf16 on the 2-core AMX Xeon: CACM's 3,204 documents embed in 30 s instead of 62, a batch of 16 search-box
-    queries in 49 ms instead of 141 on one thread, and CACM nDCG@10 is 0.4096 (bf16 documents and queries) vs
+    bf16 on the 2-core AMX Xeon: CACM's 3,204 documents embed in 38 s instead of 65, a batch of 16 search-box
+    queries in 73 ms instead of 159 on one thread, and CACM nDCG@10 is 0.4096 (bf16 documents and queries) vs
     0.4091 in fp32, 0.4089 for bf16 queries against an index embedded in fp32 (document cosine to fp32 ≥ 0.9998;
     ``python -m benchmarks.teacher_dtype``). ``RKIT_DTYPE=float32`` keeps fp32 for both models.
     """
