@@ -153,3 +153,22 @@ def test_generate_keeps_system_prompt_for_every_batch(encoder, monkeypatch):
     monkeypatch.setattr(enc_mod, "generate_batch", fake)
     encoder.generate(["a", "bb", "ccc"], batch_size=1, system_prompt="Be brief.")
     assert seen == ["Be brief."] * 3
+
+
+def test_cost_sorted_batches_cut_where_padding_costs_more_than_a_pass():
+    from retrieval_kit.models.generation import cost_sorted_batches, length_sorted_batches
+
+    # two pasted prompts among 30 search-box queries: padding the 30 to 200 tokens would cost 30 × 190 tokens of
+    # compute; a second pass costs 64. Plain length-sorted batching puts all 32 in one batch.
+    lengths = [10] * 15 + [200, 180] + [10] * 15
+    batches = cost_sorted_batches(lengths, 32, overhead=64)
+    assert [sorted(b) for b in batches] == [[15, 16], [i for i in range(32) if i not in (15, 16)]]
+    assert len(list(length_sorted_batches(["x" * n for n in lengths], 32))) == 1
+    # equal lengths: full batches, as few passes as the batch size allows; every index once
+    batches = cost_sorted_batches([7] * 70, 32, overhead=64)
+    assert sorted(len(b) for b in batches) == [6, 32, 32]
+    assert sorted(i for b in batches for i in b) == list(range(70))
+    # a zero-cost pass would split every distinct length; a huge one never splits below the batch size
+    assert len(cost_sorted_batches([5, 4, 3, 2], 32, overhead=0)) == 4
+    assert len(cost_sorted_batches([500, 4, 3, 2], 32, overhead=10_000)) == 1
+    assert cost_sorted_batches([], 32) == []

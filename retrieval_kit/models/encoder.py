@@ -33,7 +33,8 @@ from torch import nn
 from ..errors import InputError, ModelError
 from ..modes import DOC_MODES, QUERY_MODES
 from .backbone import DEFAULT_BACKBONE, load_backbone, pick_device
-from .generation import format_chat, generate_batch, length_sorted_batches, tokenize_prompts, truncate_tokens
+from .generation import (cost_sorted_batches, format_chat, generate_batch, length_sorted_batches, tokenize_prompts,
+                         truncate_tokens)
 from .teacher import DEFAULT_TEACHER, load_teacher, teacher_fingerprint
 
 CONFIG_NAME = "config.json"
@@ -400,13 +401,22 @@ class GenerativeEncoder(nn.Module):
         return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         disable=not show, transient=True)
 
-    def _map_batches(self, texts: Sequence[str], batch_size: int, fn, description: str, show_progress: bool) -> list:
-        """Run fn over length-sorted batches, return results in the input order."""
+    def _map_batches(self, texts: Sequence[str], batch_size: int, fn, description: str, show_progress: bool,
+                     by_cost: bool = False) -> list:
+        """Run fn over length-sorted batches, return results in the input order. ``by_cost``: one forward pass
+        per batch (the encode), so batches are cut where padding costs more than a pass (cost_sorted_batches);
+        a generation's every step costs a pass, so it keeps full batches."""
         texts = _check_texts(texts)
         results: list = [None] * len(texts)
+        if by_cost:
+            lengths = [min(len(ids), self.config.max_query_tokens)
+                       for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+            batches = cost_sorted_batches(lengths, batch_size)
+        else:
+            batches = length_sorted_batches(texts, batch_size)
         with self._progress(len(texts), description, show_progress) as progress:
             task = progress.add_task(description, total=len(texts))
-            for idx in length_sorted_batches(texts, batch_size):
+            for idx in batches:
                 for i, value in zip(idx, fn([texts[i] for i in idx])):
                     results[i] = value
                 progress.advance(task, len(idx))
@@ -426,7 +436,7 @@ class GenerativeEncoder(nn.Module):
             soft = out["soft_prompt"].float().cpu().numpy() if with_soft_prompts else [None] * len(emb)
             return list(zip(emb, soft))
 
-        rows = self._map_batches(texts, batch_size, run, "encoding queries", show_progress)
+        rows = self._map_batches(texts, batch_size, run, "encoding queries", show_progress, by_cost=True)
         embeddings = _stack([e for e, _ in rows], self.config.embed_dim)
         if not with_soft_prompts:
             return embeddings

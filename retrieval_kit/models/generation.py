@@ -40,6 +40,36 @@ def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[lis
         yield order[start : start + batch_size]
 
 
+# What one more forward pass costs, in padded tokens' worth of compute (the weights are read once per pass, and
+# every layer's small ops run, whatever the batch holds): `python -m benchmarks.perf.pass_cost` fits
+# seconds = a + b · padded tokens over encodes of 1-32 queries; SmolLM2-135M, bf16, 2-core AMX Xeon, three runs:
+# a / b = 126, 180, 67 tokens (a = 58-125 ms, b = 0.67-0.88 ms per token; the box is noisy, and the cuts move
+# little between such values). Bigger backbones cost more per pass and per token alike, so the ratio travels.
+PASS_OVERHEAD_TOKENS = 128
+
+
+def cost_sorted_batches(lengths: Sequence[int], batch_size: int,
+                        overhead: float = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices in batches of ≤ ``batch_size`` (longest first) that minimise the passes' padded compute,
+    Σ (overhead + texts × longest length): a batch is cut where padding the shorter texts to a long one's length
+    would cost more than another pass. Search-box queries next to pasted prompts (pool queries: 5-250 tokens)
+    otherwise pad half the batch to the longest; one length-sorted cut every ``batch_size`` cannot see that.
+    An O(n · batch_size) dynamic programme over the sorted lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: the cheapest batching of the j longest texts
+        for i in range(max(0, j - batch_size), j):  # the last batch is order[i:j], padded to order[i]'s length
+            cost = best[i] + overhead + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches, j = [], n
+    while j > 0:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    return batches[::-1]
+
+
 @torch.no_grad()
 def generate_batch(
     model,
