@@ -50,11 +50,10 @@ def main() -> None:
 def _compare(encoder, texts: list[str]) -> dict:
     """Seconds to encode ``texts`` with cost-sorted batches vs plain length-sorted ones (min of 3, interleaved)."""
     from retrieval_kit.models import encoder as module
-    from retrieval_kit.models.generation import cost_sorted_batches
+    from retrieval_kit.models.generation import cost_sorted_batches, length_sorted_batches
 
-    def plain(lengths, batch_size):
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    def plain(lengths, batch_size):  # the batching encode() used before: full batches of the length-sorted texts
+        return list(length_sorted_batches(texts, batch_size))
 
     out = {}
     for batch_size in (32, 64):
