@@ -48,6 +48,8 @@ def train(
     schedule: str = typer.Option("linear", help="Decay after warm-up: linear or cosine."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Response length limit (stage 1; part of the response cache key)."),
     max_target_tokens: int = typer.Option(128, "--max-target-tokens", min=1, help="Response tokens the soft prompt must reproduce."),
+    short_target_share: float = typer.Option(0.0, "--short-target-share", min=0.0, max=1.0, help="Share of the steps that reconstruct only the first --short-target-tokens answer tokens (shorter targets first)."),
+    short_target_tokens: int = typer.Option(8, "--short-target-tokens", min=1, help="Answer tokens the short-target steps reconstruct."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Chat system prompt (default: the template's own)."),
     n_thought: Optional[int] = typer.Option(None, "--n-thought", min=0, help="Thought tokens (default 10)."),
     n_compress: Optional[int] = typer.Option(None, "--n-compress", min=1, help="Compression tokens (default 10)."),
@@ -89,7 +91,8 @@ def train(
         system_prompt=system_prompt, device=device, threads=threads, cache_dir=str(cache_dir) if cache_dir else None,
         max_new_tokens=max_new_tokens, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         head_lr_scale=head_lr_scale, recon_lr_scale=recon_lr_scale,
-        schedule=schedule, max_target_tokens=max_target_tokens, align_loss=align_loss, w_recon=w_recon, w_align=w_align,
+        schedule=schedule, max_target_tokens=max_target_tokens, short_target_share=short_target_share,
+        short_target_tokens=short_target_tokens, align_loss=align_loss, w_recon=w_recon, w_align=w_align,
         target_mix=target_mix, ridge_init=ridge_init, refit_head=refit_head, val_every=val_every, checkpoint_every=checkpoint_every, seed=seed,
         resume=resume, stop_after=stop_after, command=_command_line(),
     )

@@ -206,6 +206,30 @@ def test_non_finite_steps_are_skipped(tmp_path, fresh_encoder, monkeypatch, free
     assert [r["step"] for r in rows if r.get("event") == "non_finite_skipped"] == [1, 2]
 
 
+def test_short_targets_first_cut_the_training_targets_but_never_the_validation_ones(tmp_path, fresh_encoder, monkeypatch, free_threads):
+    encoder = fresh_encoder
+    real = loop_module.tokenize_targets
+    seen = []  # (max_tokens asked for, target columns the batch got)
+
+    def spy(tokenizer, responses, max_tokens, device):
+        out = real(tokenizer, responses, max_tokens, device)
+        seen.append((max_tokens, out["target_ids"].shape[1]))
+        return out
+
+    monkeypatch.setattr(loop_module, "tokenize_targets", spy)
+    targets = torch.nn.functional.normalize(torch.randn(3, encoder.config.embed_dim), dim=-1)
+    long = "Paris is the capital and the largest city of France, on the Seine."
+    data = LoopData(QUERIES[:2], [long, "William Shakespeare wrote Hamlet around 1600."], targets[:2],
+                    QUERIES[2:3], [long], targets[2:])
+    cfg = TrainConfig(steps=4, batch_size=2, warmup=0, ridge_init=False, val_every=100, log_every=1, val_decode=0,
+                      max_target_tokens=16, short_target_share=0.5, short_target_tokens=3)
+    state = train_loop(encoder, data, cfg, tmp_path)
+    assert state.step == 4
+    # validation at step 0 and at the end scores all 16 tokens; steps 1-2 train on 3, steps 3-4 on 16
+    assert [m for m, _ in seen] == [16, 3, 3, 16, 16, 16]
+    assert [w for _, w in seen] == [16, 3, 3, 16, 16, 16]  # the responses are longer than 16 tokens: every cut bites
+
+
 # ---- one-line errors through the CLI -------------------------------------------------------------------
 
 

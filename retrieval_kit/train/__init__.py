@@ -341,7 +341,7 @@ def _training_record(summary: dict) -> dict:
         "machine": summary["machine"].get("gpu") or summary["machine"]["cpu"],
         "hyperparameters": {k: cfg[k] for k in ("batch_size", "grad_accum", "lr", "special_lr_scale", "recon_lr_scale",
                                                  "head_lr_scale", "warmup", "schedule", "max_new_tokens",
-                                                 "max_target_tokens", "align_loss", "w_recon", "w_align", "target_mix",
+                                                 "max_target_tokens", "short_target_share", "short_target_tokens", "align_loss", "w_recon", "w_align", "target_mix",
                                                  "ridge_init", "refit_head", "seed")},
         "ridge": summary.get("ridge"), "refit": summary.get("refit"), "anchor": {k: v for k, v in (summary.get("anchor") or {}).items() if k != "fuse_grid"},
         "val": {k: fig.get(k) for k in ("n_val", "student_cos", "baseline_cos", "anchor_cos", "fused_cos", "fuse_weight",

@@ -84,6 +84,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_target_tokens: int = 128  # response tokens (+ eos) the soft prompt must reproduce
+    # shorter targets first: the first `short_target_share` of the steps reconstruct only the first
+    # `short_target_tokens` answer tokens. A greedy decode starts at the answer's first token, and a loss over the
+    # whole answer is carried by later positions the frozen model continues by itself, so the soft prompt learns
+    # *that* an answer follows but not *which* (benchmarks/results/explain/README.md, "Shorter targets first")
+    short_target_share: float = 0.0
+    short_target_tokens: int = 8
     align_loss: str = "cos"  # cos (2 − 2·cos) | mse (mean-reduced, weak: see RESEARCH.md) | infonce (cos + in-batch)
     w_recon: float = 1.0  # 0 skips the reconstruction forward entirely
     w_align: float = 10.0
@@ -114,6 +120,12 @@ class TrainConfig:
                    "decode_samples", "decode_tokens", "val_decode", "answer_bank", "eval_batch_size", "gen_batch_size", "cache_dir", "out",
                    "queries")  # the data itself is compared by fingerprint, not by path
 
+    def target_tokens(self, step: int) -> int:
+        """Response tokens the reconstruction loss covers at optimizer step `step` (0-based)."""
+        if step < round(self.short_target_share * self.steps):
+            return min(self.short_target_tokens, self.max_target_tokens)
+        return self.max_target_tokens
+
     def check(self) -> None:
         if self.align_loss not in ALIGN_LOSSES:
             raise TrainError(f"unknown --align-loss '{self.align_loss}' (use {', '.join(ALIGN_LOSSES)})")
@@ -125,7 +137,9 @@ class TrainConfig:
             raise TrainError(f"unknown --align-head '{self.align_head}' (use linear or mlp)")
         if self.tune_size < 0 or self.val_size < 0:
             raise TrainError("--val-size and --tune-size must be >= 0")
-        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_target_tokens", "n_compress",
+        if not 0.0 <= self.short_target_share <= 1.0:
+            raise TrainError("--short-target-share must be between 0 and 1")
+        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_target_tokens", "short_target_tokens", "n_compress",
                      "val_every", "checkpoint_every", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -249,11 +263,14 @@ def tokenize_targets(tokenizer, responses: list[str], max_tokens: int, device) -
     return {"target_ids": batch["input_ids"].to(device), "target_mask": batch["attention_mask"].to(device)}
 
 
-def make_batch(encoder, queries: list[str], responses: list[str], targets: torch.Tensor, cfg: TrainConfig) -> dict:
+def make_batch(encoder, queries: list[str], responses: list[str], targets: torch.Tensor, cfg: TrainConfig,
+               target_tokens: int | None = None) -> dict:
+    """Queries, teacher targets and (when L_recon is on) the responses cut to `target_tokens` (default: all of
+    cfg.max_target_tokens; validation always scores those)."""
     batch = dict(encoder.tokenize_queries(queries))
     batch["targets"] = targets.to(encoder.device)
     if cfg.w_recon > 0:  # the reconstruction forward is the expensive part: no targets, no forward
-        batch.update(tokenize_targets(encoder.tokenizer, responses, cfg.max_target_tokens, encoder.device))
+        batch.update(tokenize_targets(encoder.tokenizer, responses, target_tokens or cfg.max_target_tokens, encoder.device))
     return batch
 
 
@@ -480,7 +497,7 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
         for micro in range(cfg.grad_accum):
             idx = batch_indices(state.step * cfg.grad_accum + micro, n_train, cfg.batch_size, cfg.seed, rank, world_size)
             batch = make_batch(encoder, [data.train_queries[i] for i in idx], [data.train_responses[i] for i in idx],
-                               data.train_targets[idx], cfg)
+                               data.train_targets[idx], cfg, cfg.target_tokens(state.step))
             sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device):
