@@ -240,6 +240,7 @@ def run(a, stage: Path, work: Path, out: Path, t0: float) -> dict:
     calib = base_config(a, queries, cache_dir, limit, overrides, out=str(calib_out), steps=a.calib_steps + 10**6,
                         stop_after=a.calib_steps, ridge_init=False, refit_head=False, anchor=False,
                         val_every=10**9, checkpoint_every=10**9, log_every=max(1, a.calib_steps // 6))
+    calib.short_target_share = 0.0  # time full-length targets (even under --set): cheaper short-target steps would over-plan
     cal = train(calib, encoder=encoder, progress=False)
     per_step = step_time(read_log(calib_out / "training_log.jsonl"), cal)
     sample = [q for q in dict.fromkeys(records[:limit])][: max(a.eval_batch_size * 4, 8)]

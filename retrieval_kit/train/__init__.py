@@ -314,9 +314,7 @@ def _resolve_model_fields(cfg: TrainConfig) -> None:
         cfg.refit_head = cfg.ridge_init
     if (cfg.ridge_init or cfg.refit_head) and cfg.align_head != "linear":
         raise TrainError("--ridge-init and --refit-head need --align-head linear")
-    # after a closed-form fit, slow the two matrices whose Adam steps would undo it (see loop.param_groups)
-    if cfg.recon_lr_scale is None:
-        cfg.recon_lr_scale = 0.1 if cfg.ridge_init else 1.0
+    # after a closed-form fit, slow the head whose Adam steps would undo it (see loop.param_groups)
     if cfg.head_lr_scale is None:
         cfg.head_lr_scale = 0.01 if cfg.ridge_init else 1.0
 
