@@ -42,6 +42,13 @@ ALIGN_LOSSES = ("cos", "mse", "infonce")
 SCHEDULES = ("linear", "cosine")
 
 
+def short_targets(cfg: dict) -> tuple[int, int]:
+    """(how many first steps train on short targets, their length), from a config as a dict: the loop's TrainConfig
+    and the model card's stored config, where configs from before these fields have none (0 steps)."""
+    n = round((cfg.get("short_target_share") or 0.0) * cfg["steps"])
+    return n, min(cfg.get("short_target_tokens", 8), cfg["max_target_tokens"])
+
+
 @dataclass
 class TrainConfig:
     # ---- data -----------------------------------------------------------------------------------
@@ -124,9 +131,8 @@ class TrainConfig:
 
     def target_tokens(self, step: int) -> int:
         """Response tokens the reconstruction loss covers at optimizer step `step` (0-based)."""
-        if step < round(self.short_target_share * self.steps):
-            return min(self.short_target_tokens, self.max_target_tokens)
-        return self.max_target_tokens
+        n_short, short_tokens = short_targets(vars(self))
+        return short_tokens if step < n_short else self.max_target_tokens
 
     def check(self) -> None:
         if self.align_loss not in ALIGN_LOSSES:

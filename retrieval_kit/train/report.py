@@ -206,11 +206,10 @@ def _cell(text: str, limit: int = 300) -> str:
 
 def _short_targets(cfg: dict) -> str:
     """The curriculum clause of the loss line; '' when every step used the whole target (and for older configs)."""
-    share = cfg.get("short_target_share") or 0.0
-    if share <= 0:
-        return ""
-    n = round(share * cfg["steps"])
-    return f"; the first {n} steps only the first {min(cfg['short_target_tokens'], cfg['max_target_tokens'])}"
+    from .loop import short_targets  # here, not at the top: loop.py imports this module
+
+    n, tokens = short_targets(cfg)
+    return f"; the first {n} steps only the first {tokens}" if n else ""
 
 
 def model_card(summary: dict) -> str:
