@@ -158,3 +158,26 @@ def test_the_reconstruction_loss_scores_target_positions_only_and_equals_the_ful
     (grad_fast,) = torch.autograd.grad(fast, soft, retain_graph=True)
     (grad_full,) = torch.autograd.grad(full, soft)
     torch.testing.assert_close(grad_fast, grad_full, rtol=1e-4, atol=1e-6)
+
+
+def test_reconstruction_in_length_groups_equals_one_padded_forward(encoder):
+    """A CPU reconstructs in length groups of 4, a GPU the whole batch at once (train/loop.recon_group): the
+    same loss and soft-prompt gradient either way, on a batch whose responses differ in length."""
+    import torch
+
+    from retrieval_kit.train.loop import RECON_GROUP, recon_by_length, recon_group, tokenize_targets
+
+    queries = QUERIES + ["a", "what is the CAP theorem and why does it matter for a database cluster?"] * 2
+    soft = encoder(**encoder.tokenize_queries(queries))["soft_prompt"]
+    answers = ["Rotate them monthly.", "The MIT license, and it is short.", "Yes.",
+               "Consistency, availability and partition tolerance: a cluster keeps two when the network splits."]
+    answers = (answers * 3)[: len(queries)]
+    targets = tokenize_targets(encoder.tokenizer, answers, 32, encoder.device)
+    assert len(queries) > RECON_GROUP and len(set(targets["target_mask"].sum(-1).tolist())) > 2
+    grouped = recon_by_length(encoder, soft, targets["target_ids"], targets["target_mask"], RECON_GROUP)
+    whole = recon_by_length(encoder, soft, targets["target_ids"], targets["target_mask"], len(queries))
+    torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
+    (g_grouped,) = torch.autograd.grad(grouped, soft, retain_graph=True)
+    (g_whole,) = torch.autograd.grad(whole, soft)
+    torch.testing.assert_close(g_grouped, g_whole, rtol=1e-4, atol=1e-6)
+    assert recon_group(torch.device("cpu"), 16) == RECON_GROUP and recon_group(torch.device("cuda"), 16) == 16

@@ -115,6 +115,13 @@ def test_printed_calls_fit_the_device_limits(small_pack):
 # ---- the job at toy size, real models, CPU --------------------------------------------------------------------
 
 
+TOY = ["--device", "cpu", "--val-size", "1", "--tune-size", "0", "--max-new-tokens", "4", "--max-target-tokens", "4",
+       "--batch-size", "2", "--gen-batch-size", "8", "--eval-batch-size", "8", "--calib-steps", "1",
+       "--decode-samples", "0", "--set", "val_decode=0",
+       # two steps planned, the guard set to fire at once: the loop stops after one and the adapter is still written
+       "--min-steps", "2", "--max-steps", "2", "--guard-at-s", "0"]
+
+
 def test_job_end_to_end_on_cpu(tmp_path):
     out_parts, root, out = tmp_path / "parts-out", tmp_path / "root", tmp_path / "OUT"
     # float32 teacher here: fp16 matmuls are ~5× slower on CPU; the fp16 file is what a GPU run carries
@@ -126,12 +133,7 @@ def test_job_end_to_end_on_cpu(tmp_path):
     assert '"torch": "' in done.stdout  # call 1 prints the machine's packages before the big parts travel
     for k in range(2, manifest["calls"]):  # the same step through the function: each CLI call imports torch
         stash(out_parts / f"call{k}", root / "parts")
-    toy = ["--device", "cpu", "--val-size", "1", "--tune-size", "0", "--max-new-tokens", "4", "--max-target-tokens", "4",
-           "--batch-size", "2", "--gen-batch-size", "8", "--eval-batch-size", "8", "--calib-steps", "1",
-           "--decode-samples", "0", "--set", "val_decode=0",
-           # two steps planned, the guard set to fire at once: the loop stops after one and the adapter is still written
-           "--min-steps", "2", "--max-steps", "2", "--guard-at-s", "0"]
-    done = subprocess.run(["bash", str(RUN_SH), "train", str(out_parts / f"call{manifest['calls']}"), *toy],
+    done = subprocess.run(["bash", str(RUN_SH), "train", str(out_parts / f"call{manifest['calls']}"), *TOY],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -178,3 +180,30 @@ def test_job_end_to_end_on_cpu(tmp_path):
 
     answers = response_cache(cache, "smollm2-135m-instruct", GenerationConfig(max_new_tokens=4)).lookup(QUERIES)
     assert set(answers) == set(QUERIES)
+
+
+def test_a_run_that_fails_after_its_loop_still_brings_back_its_responses_and_log(tmp_path):
+    """The first H200 run failed in the query-anchor fit after its loop and brought back only job.log: the answers
+    (92 s of GPU time) and the loop's log were lost. The same failure point, forced here (a CUDA device mismatch
+    cannot happen on a CPU): the responses, the log and the job's figures with the error still come back."""
+    out_parts, root, out = tmp_path / "parts-out", tmp_path / "root", tmp_path / "OUT"
+    manifest = pack.build(out_parts, query_file(tmp_path), teacher_dtype="float32")
+    for k in range(1, manifest["calls"] + 1):
+        stash(out_parts / f"call{k}", root / "parts")
+    failing = ("import sys, retrieval_kit.train as t\n"
+               "def boom(*a, **k): raise RuntimeError('Expected all tensors to be on the same device')\n"
+               "t.fit_query_anchor = boom\n"
+               "from benchmarks.gpu_train.run import main\n"
+               "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", failing, "train", "--parts", str(root / "parts"), "--stage", str(root / "stage"),
+                           "--work", str(root / "work"), "--out", str(out), *TOY],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert done.returncode != 0 and "same device" in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"responses.jsonl.gz", "training_log.jsonl", "summary.json"}
+    job = json.loads((out / "summary.json").read_text())["job"]
+    assert job["error"].startswith("RuntimeError") and job["plan"]["steps"] == 2
+    assert any(json.loads(line).get("step") == 1 for line in (out / "training_log.jsonl").read_text().splitlines())
+    cache = tmp_path / "cache"
+    from benchmarks.gpu_train.job import import_responses
+
+    assert import_responses(out / "responses.jsonl.gz", cache) == len(QUERIES)

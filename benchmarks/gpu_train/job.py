@@ -232,6 +232,7 @@ def run(a, stage: Path, work: Path, out: Path, t0: float) -> dict:
         raise JobError(f"only {limit} records answered within the generation budget: raise --gen-budget-s")
     log(clock, f"responses: {pool['unique']} distinct queries, {pool['new_tokens']} new tokens, "
                f"{pool['new_tokens_per_s']} new tokens/s")
+    write_responses(out, answers, pool)  # now, not with the adapter: a later failure must not cost the answers too
 
     # ---- 2. calibration: the real step time ----------------------------------------------------------------
     t = clock()
@@ -285,7 +286,14 @@ def run(a, stage: Path, work: Path, out: Path, t0: float) -> dict:
                       val_every=a.val_every, checkpoint_every=a.checkpoint_every, command=command.strip(),
                       deadline=t0 + guard_at)
     t = clock()
-    summary = train(cfg, progress=a.progress)
+    try:
+        summary = train(cfg, progress=a.progress)
+    except Exception as exc:  # the first H200 run failed after its loop: keep what it measured
+        job["error"] = f"{type(exc).__name__}: {exc}"
+        if (adapter_dir / "training_log.jsonl").is_file():
+            shutil.copyfile(adapter_dir / "training_log.jsonl", out / "training_log.jsonl")
+        (out / "summary.json").write_text(json.dumps({"job": job}, indent=1, default=str) + "\n")
+        raise
     timings["train"] = round(clock() - t, 1)
     stopped = bool(summary.get("stopped_at_deadline"))
     job["result"] = {"status": summary["status"], "steps": summary["steps"], "planned_steps": steps,
@@ -298,7 +306,7 @@ def run(a, stage: Path, work: Path, out: Path, t0: float) -> dict:
     # ---- outputs ---------------------------------------------------------------------------------------------------
     job["wall_s"] = round(clock(), 1)
     annotate(adapter_dir, job, summary, read_log(adapter_dir / "training_log.jsonl"))
-    written = write_out(out, adapter_dir, job, summary, answers, pool)
+    written = write_out(out, adapter_dir, job, summary)
     log(clock, f"wrote {out}: " + ", ".join(written))
     fig = summary.get("figures", {})
     log(clock, f"held-out ({fig.get('n_val')}): student {fig.get('student_cos', float('nan')):.3f}, fused "
@@ -339,13 +347,14 @@ def annotate(adapter_dir: Path, job: dict, summary: dict, rows: list[dict]) -> N
 OUT_FILES = ("adapter.tar", "README.md", "training_log.jsonl", "summary.json", "responses.jsonl.gz")  # + job.log
 
 
-def write_out(out: Path, adapter_dir: Path, job: dict, summary: dict, answers: dict, pool: dict) -> list[str]:
+def write_out(out: Path, adapter_dir: Path, job: dict, summary: dict) -> list[str]:
     """$OUT, six plain files at its top (a run call brings back ≤ 8 files, ≤ 2 folders deep, plain names):
 
     adapter.tar         the adapter folder, whatever files the trainer writes into it (`tar xf` gives adapter/)
     README.md           its model card, and training_log.jsonl its log, to read without unpacking
     summary.json        the job (environment, budget plan, timings) and the trainer's summary
-    responses.jsonl.gz  the backbone's answers, for the next run (`run.py import-responses`)
+    responses.jsonl.gz  the backbone's answers, for the next run (`run.py import-responses`; written by write_responses
+                        as soon as they exist)
     job.log             everything printed (written by run.sh)
     """
     import tarfile
@@ -357,12 +366,16 @@ def write_out(out: Path, adapter_dir: Path, job: dict, summary: dict, answers: d
         shutil.copyfile(adapter_dir / name, out / name)
     summary = {k: v for k, v in summary.items() if k != "out"}
     (out / "summary.json").write_text(json.dumps({"job": job, "trainer": summary}, indent=1, default=str) + "\n")
+    return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+def write_responses(out: Path, answers: dict, pool: dict) -> None:
+    """$OUT/responses.jsonl.gz: the backbone's answers with what made them (`import-responses` checks it)."""
     with gzip.open(out / "responses.jsonl.gz", "wt", encoding="utf-8", compresslevel=6) as fh:
         fh.write(json.dumps({"meta": {"backbone": pool["backbone"], "generation": pool["generation"],
                                       "backbone_identity": backbone_identity(pool["backbone"])}}) + "\n")
         for query, answer in answers.items():
             fh.write(json.dumps({"query": query, "response": answer}, ensure_ascii=False) + "\n")
-    return sorted(p.name for p in out.iterdir() if p.is_file())
 
 
 def backbone_identity(name: str) -> dict:
@@ -447,7 +460,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--tune-size", type=int, default=256)
     g.add_argument("--max-new-tokens", type=int, default=96, help="response length cap (as the shipped adapter) [96]")
     g.add_argument("--max-target-tokens", type=int, default=64)
-    g.add_argument("--batch-size", type=int, default=16, help="(as the shipped adapter; see README: budget) [16]")
+    g.add_argument("--batch-size", type=int, default=64, help="(the research recipe's; a GPU step is launch-bound: README) [64]")
     g.add_argument("--gen-batch-size", type=int, default=1024)
     g.add_argument("--gen-chunk-batches", type=int, default=4, help="generation batches between budget checks [4]")
     g.add_argument("--eval-batch-size", type=int, default=256)

@@ -568,8 +568,9 @@ class GenerativeEncoder(nn.Module):
 
 
 def apply_anchor(anchor_proj: nn.Module, teacher_vecs: torch.Tensor) -> torch.Tensor:
-    """The anchored query: teacher(query) plus the fitted shift towards its answer, unit length."""
-    return F.normalize(teacher_vecs + anchor_proj(teacher_vecs.to(anchor_proj.weight.dtype)).to(teacher_vecs.dtype), dim=-1)
+    """The anchored query: teacher(query) plus the fitted shift towards its answer, unit length, on the input's
+    device and in its type (the trainer's tune vectors stay on the CPU while the projection sits on a GPU)."""
+    return F.normalize(teacher_vecs + anchor_proj(teacher_vecs.to(anchor_proj.weight)).to(teacher_vecs), dim=-1)
 
 
 def fuse_queries(generative: np.ndarray, anchored: np.ndarray, weight: float) -> np.ndarray:

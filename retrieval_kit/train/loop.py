@@ -296,20 +296,29 @@ def align_loss(embedding: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig)
     return loss
 
 
-RECON_GROUP = 4  # rows per reconstruction forward: responses of like length together, little padding
+RECON_GROUP = 4  # rows per reconstruction forward on a CPU: responses of like length together, little padding
 
 
-def recon_by_length(encoder, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor):
-    """The batch's reconstruction loss (mean CE over all its response tokens) computed in groups of responses of
-    similar length, each cut to its own longest: the same loss and gradient as one padded forward, without running
-    the backbone over padding. Responses vary from a few tokens to the 128 cap, so one padded batch was ~30% padding
-    and trained slower than a per-sample loop (benchmarks/perf, training stage)."""
+def recon_group(device: torch.device, batch: int) -> int:
+    """Rows per reconstruction forward. A CPU pays for every padded token, a GPU for every kernel launch: a
+    forward + backward of a 30-layer backbone is thousands of small operator calls whatever its width, and the
+    first H200 run stepped at 0.67 s at batch 16 in groups of 4 (benchmarks/gpu_train/README.md), launch-bound,
+    so a GPU reconstructs the whole batch in one padded forward (the same loss: tests/test_fast_paths.py)."""
+    return RECON_GROUP if device.type == "cpu" else batch
+
+
+def recon_by_length(encoder, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                    group: int = RECON_GROUP):
+    """The batch's reconstruction loss (mean CE over all its response tokens) computed in groups of `group`
+    responses of similar length, each cut to its own longest: the same loss and gradient as one padded forward,
+    without running the backbone over padding. Responses vary from a few tokens to the 128 cap, so one padded batch
+    was ~30% padding and trained slower on a CPU than a per-sample loop (benchmarks/perf, training stage)."""
     lengths = target_mask.sum(-1)
     order = torch.argsort(lengths, descending=True)
     total = lengths.sum().clamp(min=1)
     loss = soft_prompt.new_zeros(())
-    for start in range(0, len(order), RECON_GROUP):
-        rows = order[start : start + RECON_GROUP]
+    for start in range(0, len(order), group):
+        rows = order[start : start + group]
         width = int(lengths[rows].max())
         if width == 0:
             continue
@@ -322,7 +331,8 @@ def compute_losses(model, encoder, batch: dict, cfg: TrainConfig) -> dict[str, t
     out = model(batch["input_ids"], batch["attention_mask"])
     align = align_loss(out["embedding"].float(), batch["targets"], cfg)
     if cfg.w_recon > 0:
-        recon = recon_by_length(encoder, out["soft_prompt"], batch["target_ids"], batch["target_mask"])
+        recon = recon_by_length(encoder, out["soft_prompt"], batch["target_ids"], batch["target_mask"],
+                                recon_group(batch["target_ids"].device, len(batch["target_ids"])))
     else:
         recon = torch.zeros((), device=align.device)
     return {"loss": cfg.w_recon * recon + cfg.w_align * align, "recon": recon, "align": align}
