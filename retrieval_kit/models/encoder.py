@@ -504,8 +504,7 @@ class GenerativeEncoder(nn.Module):
         """teacher(query) vectors moved towards where the answers lie (identity without a fitted anchor)."""
         if not self.config.anchor or len(teacher_vecs) == 0:
             return teacher_vecs
-        x = torch.from_numpy(np.ascontiguousarray(teacher_vecs, dtype=np.float32)).to(self.anchor_proj.weight.device)
-        return apply_anchor(self.anchor_proj, x).cpu().numpy()
+        return apply_anchor(self.anchor_proj, torch.from_numpy(np.ascontiguousarray(teacher_vecs, dtype=np.float32))).numpy()
 
     def encode_documents(self, texts: Sequence[str], mode: str = "teacher", batch_size: int = 64,
                          show_progress: bool = False) -> np.ndarray:
