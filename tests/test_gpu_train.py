@@ -207,3 +207,11 @@ def test_a_run_that_fails_after_its_loop_still_brings_back_its_responses_and_log
     from benchmarks.gpu_train.job import import_responses
 
     assert import_responses(out / "responses.jsonl.gz", cache) == len(QUERIES)
+
+
+def test_perf_call_without_an_assembled_bundle_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "OUT"), "GPU_TRAIN_ROOT": str(tmp_path / "root"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(RUN_SH), "perf"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"gpu_train: error: no assembled bundle in {tmp_path / 'root' / 'stage'}: "
+                                               "run the train call first"]
