@@ -292,7 +292,7 @@ def run(a, stage: Path, work: Path, out: Path, t0: float) -> dict:
         job["error"] = f"{type(exc).__name__}: {exc}"
         if (adapter_dir / "training_log.jsonl").is_file():
             shutil.copyfile(adapter_dir / "training_log.jsonl", out / "training_log.jsonl")
-        (out / "summary.json").write_text(json.dumps({"job": job}, indent=1, default=str) + "\n")
+        write_summary(out, job)
         raise
     timings["train"] = round(clock() - t, 1)
     stopped = bool(summary.get("stopped_at_deadline"))
@@ -364,9 +364,14 @@ def write_out(out: Path, adapter_dir: Path, job: dict, summary: dict) -> list[st
             tar.add(path, arcname=f"adapter/{path.name}")
     for name in ("README.md", "training_log.jsonl"):
         shutil.copyfile(adapter_dir / name, out / name)
-    summary = {k: v for k, v in summary.items() if k != "out"}
-    (out / "summary.json").write_text(json.dumps({"job": job, "trainer": summary}, indent=1, default=str) + "\n")
+    write_summary(out, job, summary)
     return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+def write_summary(out: Path, job: dict, trainer: dict | None = None) -> None:
+    """$OUT/summary.json: the job (environment, plan, timings, any error) and, when it finished, the trainer's summary."""
+    record = {"job": job} if trainer is None else {"job": job, "trainer": {k: v for k, v in trainer.items() if k != "out"}}
+    (out / "summary.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 def write_responses(out: Path, answers: dict, pool: dict) -> None:

@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.gpu_train.run stash  --carried .gpu_parts/call1 --parts /root/gpu_train/parts
     python3 -m benchmarks.gpu_train.run train  --carried .gpu_parts/call3 --parts … --stage … --work … --out $OUT [job options]
+    python3 -m benchmarks.gpu_train.run perf   --stage … --perf-out …       # after train, while warm: GPU perf rows
     python3 -m benchmarks.gpu_train.run import-responses responses.jsonl.gz --cache-dir cache   # here, after the run
     python3 -m benchmarks.gpu_train.run compare back/adapter --responses responses.jsonl.gz      # here: vs the shipped adapter
 
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.gpu_train.job import add_arguments
 
     add_arguments(p)
+    p = sub.add_parser("perf", help="the perf suite's model stages on the GPU, on the bundle a train call assembled")
+    p.add_argument("--stage", type=Path, default=Path("/root/gpu_train/stage"))
+    p.add_argument("--perf-out", type=Path, default=Path("/root/gpu_train/perf"), help="the suite's --out")
+    p.add_argument("--stages", default="encode,decode,training", help="the suite's --only [encode,decode,training]")
     p = sub.add_parser("import-responses", help="(here) put a job's responses.jsonl.gz into a response cache")
     p.add_argument("file", type=Path)
     p.add_argument("--cache-dir", type=Path, required=True, help="the --cache-dir you will give rkit train")
@@ -68,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print("[gpu_train] environment: " + json.dumps(environment()), flush=True)
             return 0
+        if args.mode == "perf":
+            from benchmarks.gpu_train.job import use_stage
+
+            use_stage(args.stage)  # the packed models and fallbacks, as the train call had them
+            os.environ["RKIT_DATA"] = str(args.stage / "data")  # its query pool: the suite's held-out queries
+            from benchmarks.perf.__main__ import main as perf
+
+            return perf(["--quick", "--only", args.stages, "--device", "cuda", "--out", str(args.perf_out)])
         if args.mode == "import-responses":
             from benchmarks.gpu_train.job import import_responses
 

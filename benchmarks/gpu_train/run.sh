@@ -14,14 +14,10 @@ out=${OUT:?OUT is not set: run this through the device tool, or set OUT}
 mkdir -p "$out" "$root"
 cd "$(dirname "$0")/../.." || exit 2                   # the repository root: python -m benchmarks… and retrieval_kit
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ "$mode" = perf ]; then
-  # benchmarks/perf's model stages on the GPU (issue 16, GPU rows), on the bundle the train call assembled: its
-  # model packages first on the path, its pure-python fallbacks last, its query pool as the held-out queries
-  stage=$root/stage
-  [ -d "$stage/site" ] || { echo "gpu_train: error: no assembled bundle in $stage: run the train call first" >&2; exit 2; }
-  export PYTHONPATH=$stage/site:$PYTHONPATH:$stage/fallback RKIT_DATA=$stage/data
-  timeout "${PERF_TIMEOUT_S:-150}" "${PYTHON:-python3}" -m benchmarks.perf --quick --only "${PERF_STAGES:-encode,decode,training}" \
-    --device cuda --out "$root/perf" 2>&1 | tee -a "$out/perf.log"
+if [ "$mode" = perf ]; then  # benchmarks/perf's model stages on the GPU (issue 16, GPU rows): run.py perf
+  [ -d "$root/stage/site" ] || { echo "gpu_train: error: no assembled bundle in $root/stage: run the train call first" >&2; exit 2; }
+  timeout "${PERF_TIMEOUT_S:-150}" "${PYTHON:-python3}" -m benchmarks.gpu_train.run perf --stage "$root/stage" \
+    --perf-out "$root/perf" --stages "${PERF_STAGES:-encode,decode,training}" 2>&1 | tee -a "$out/perf.log"
   rc=${PIPESTATUS[0]}
   cp "$root/perf/results/perf-quick.json" "$out/perf-gpu.json" 2>/dev/null
   exit "$rc"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 
-
 from .common import Figure, check, sample_index, timed
 from .data import queries as pool_queries
 
