@@ -136,6 +136,18 @@ def test_the_shared_template_opening_is_computed_once_and_changes_no_vector(enco
     np.testing.assert_allclose(fast_soft, full_soft, rtol=1e-3, atol=1e-3)
 
 
+def assert_same_gradient(got, want):
+    """Equal up to float32 summation order. A differently padded or grouped forward sums in another order (the
+    matmul blocking follows the shapes), which moves a float32 gradient by ~1e-4 of its own scale (measured on a
+    2-core AMD EPYC: 1.5e-5 on entries up to 0.23, norm error 5e-5), so the bounds are relative to the gradient's
+    scale; a mis-weighted group or a position scored twice is off by percents."""
+    import torch
+
+    scale = float(want.abs().max())
+    assert float((got - want).norm() / want.norm()) < 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
+
+
 def test_the_reconstruction_loss_scores_target_positions_only_and_equals_the_full_logits_loss(encoder):
     import torch
     import torch.nn.functional as F
@@ -157,7 +169,7 @@ def test_the_reconstruction_loss_scores_target_positions_only_and_equals_the_ful
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
     (grad_fast,) = torch.autograd.grad(fast, soft, retain_graph=True)
     (grad_full,) = torch.autograd.grad(full, soft)
-    torch.testing.assert_close(grad_fast, grad_full, rtol=1e-4, atol=1e-6)
+    assert_same_gradient(grad_fast, grad_full)
 
 
 def test_reconstruction_in_length_groups_equals_one_padded_forward(encoder):
@@ -179,5 +191,5 @@ def test_reconstruction_in_length_groups_equals_one_padded_forward(encoder):
     torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
     (g_grouped,) = torch.autograd.grad(grouped, soft, retain_graph=True)
     (g_whole,) = torch.autograd.grad(whole, soft)
-    torch.testing.assert_close(g_grouped, g_whole, rtol=1e-4, atol=1e-6)
+    assert_same_gradient(g_grouped, g_whole)
     assert recon_group(torch.device("cpu"), 16) == RECON_GROUP and recon_group(torch.device("cuda"), 16) == 16
