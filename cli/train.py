@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 import sys
 from pathlib import Path
 from typing import Optional
@@ -71,6 +72,7 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Response/target cache (default $RKIT_HOME/cache)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint (same settings required)."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Checkpoint and stop after this step (time-boxed runs; continue with --resume)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0, help="Wall-clock guard: past this many minutes from the start the loop ends after the step in flight and the run finishes as if that were its last step (refit, anchor, figures, adapter; the model card says so)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda when present)."),
     threads: int = typer.Option(0, min=0, help="CPU threads (0: the cores not busy with other processes)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -95,6 +97,7 @@ def train(
         short_target_tokens=short_target_tokens, align_loss=align_loss, w_recon=w_recon, w_align=w_align,
         target_mix=target_mix, ridge_init=ridge_init, refit_head=refit_head, val_every=val_every, checkpoint_every=checkpoint_every, seed=seed,
         resume=resume, stop_after=stop_after, command=_command_line(),
+        deadline=None if max_minutes is None else time.time() + 60 * max_minutes,
     )
     summary = run_training(config, progress=not as_json)
     if summary.get("rank", 0) != 0:  # under torchrun rank 0 reports for everyone

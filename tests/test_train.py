@@ -281,6 +281,20 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
         assert "Traceback" not in lines[0]
 
 
+def test_max_minutes_ends_the_loop_and_still_writes_a_whole_adapter(cli, pool, tmp_path):
+    """--max-minutes 0: the guard is already past when the loop starts, so it ends after its first step and the run
+    finishes as if that were the last (refit, anchor, figures, adapter), and the model card says the schedule was cut."""
+    out = tmp_path / "guarded"
+    code, lines = cli("--queries", pool["queries"], "--cache-dir", pool["cache"], "--out", out, "--limit", 3, "--val-size", 1,
+                      "--max-new-tokens", 8, "--max-target-tokens", 16, "--steps", 40, "--batch-size", 2, "--warmup", 0,
+                      "--val-every", 100, "--checkpoint-every", 100, "--max-minutes", 0, "--device", "cpu")
+    assert code == 0, lines
+    events = [r for r in read_log(out / "training_log.jsonl") if r.get("event") == "deadline"]
+    assert [r["step"] for r in events] == [1]
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 1
+    assert "ended at the wall-clock deadline, before the planned 40" in (out / "README.md").read_text()
+
+
 def test_chat_recon_format_trains_and_decodes_what_it_trained(pool, tmp_path):
     """--recon-format chat: the backbone reads the soft prompt as its chat template's user turn, in training and in
     every decode alike (a decode that read it differently would explain with what training never taught)."""
