@@ -3,7 +3,7 @@
     python -m benchmarks.teacher_dtype [--data ../shared/data/cacm] [--out benchmarks/results/teacher-dtype.json]
 
 Why: ``load_teacher`` puts the teacher in bf16 where ``pick_dtype`` picks bf16 for the backbone (CPUs with AMX
-tiles). That is only right if the vectors stay in the same space: an index embedded in one type must serve
+tiles or AVX512-BF16). That is only right if the vectors stay in the same space: an index embedded in one type must serve
 queries made in the other. So this embeds CACM's documents and queries in both types (the product's loader, rows
 normalised in float32 as ``encode_teacher`` does), scores the four pairings by exact search (nDCG@10,
 pytrec_eval), and times the two encodes: the whole corpus at batch 64, and search-box queries (held-out pool

@@ -11,18 +11,31 @@ from typer.testing import CliRunner
 
 from retrieval_kit.errors import InputError
 from retrieval_kit.models import load_encoder
-from retrieval_kit.models.backbone import cpu_has_amx, pick_dtype
+from retrieval_kit.models.backbone import cpu_has_native_bf16, pick_dtype
 
 QUERIES = ["how do I rotate the API keys?", "what causes the northern lights",
            "error E1042 when mounting the backup volume", "best way to learn a second language as an adult"]
 
 
-def test_auto_picks_bf16_exactly_on_cpus_with_amx(monkeypatch):
+def test_auto_picks_bf16_exactly_on_cpus_that_multiply_bf16_natively(monkeypatch):
     monkeypatch.setenv("RKIT_DTYPE", "auto")
-    expected = torch.bfloat16 if cpu_has_amx() else torch.float32
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert pick_dtype(torch.device("cpu")) == expected
     monkeypatch.delenv("RKIT_DTYPE")  # unset is auto too
     assert pick_dtype(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                         (False, False, torch.float32)])
+def test_either_bf16_unit_amx_tiles_or_avx512_bf16_picks_bf16(monkeypatch, amx, avx512_bf16, expected):
+    """AMX (Intel Xeon 4th gen+) and AVX512-BF16 (AMD Zen 4+) both multiply bf16 in hardware, 2.3-3.7x fp32;
+    a CPU with neither would emulate it, so it keeps fp32. Decoding keeps fp32 on either."""
+    monkeypatch.setenv("RKIT_DTYPE", "auto")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert cpu_has_native_bf16() == (amx or avx512_bf16)
+    assert pick_dtype(torch.device("cpu")) == expected
+    assert pick_dtype(torch.device("cpu"), decoding=True) == torch.float32
 
 
 def test_a_decoding_process_keeps_float32_on_amx_cpus_unless_forced(monkeypatch):

@@ -165,12 +165,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def pick_dtype(device: torch.device, decoding: bool = False) -> torch.dtype:
     """The backbone's weight type: bf16 where the hardware multiplies bf16 natively, float32 elsewhere.
 
-    GPUs with bf16 support, and CPUs with AMX tiles (Intel Xeon 4th generation and later): there a bf16 matmul
-    ran 3.7x an fp32 one (691 vs 188 GFLOP/s, 2-core Xeon, benchmarks/perf/README.md) and the generative
-    embeddings stay within cos 0.9995 of fp32 (tests/test_dtype.py). Other CPUs emulate bf16 and gain nothing,
-    so they stay fp32. ``decoding``: the caller will decode text token by token (``--explain``, ``rkit
-    explain``); on a CPU that is a chain of one-row matrix-vector products, where AMX gives nothing and a bf16
-    one ran 2x slower than fp32 (576x576: 69 vs 31 us, the same Xeon), so such a process keeps fp32 there.
+    GPUs with bf16 support, and CPUs with a bf16 matrix unit (cpu_has_native_bf16): AMX tiles (Intel Xeon 4th
+    generation and later), where a bf16 matmul ran 3.7x an fp32 one (691 vs 188 GFLOP/s, 2-core Xeon,
+    benchmarks/perf/README.md), or AVX512-BF16 dot products (AMD Zen 4 and later), where it ran 2.3-3x (2-core AMD
+    EPYC: 32x576x1536 324 vs 141 GFLOP/s, the LM head's 32x576x49152 189 vs 63), and the generative embeddings stay
+    within cos 0.999 of fp32 (tests/test_dtype.py). CPUs without either emulate bf16 and gain nothing, so they
+    stay fp32. ``decoding``: the caller will decode text token by token (``--explain``, ``rkit explain``); on a
+    CPU that is a chain of one-row matrix-vector products, where neither unit helps and a bf16 one ran slower than
+    fp32 (576x576: 69 vs 31 us on the Xeon, 33 vs 26 us on the EPYC), so such a process keeps fp32 there.
     ``RKIT_DTYPE=float32|bfloat16`` overrides (paths.dtype_setting; the CLI checks it first).
     """
     forced = dtype_setting()
@@ -178,14 +180,23 @@ def pick_dtype(device: torch.device, decoding: bool = False) -> torch.dtype:
         return DTYPES[forced]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_amx() and not decoding:
+    if device.type == "cpu" and cpu_has_native_bf16() and not decoding:
         return torch.bfloat16
     return torch.float32
 
 
 def cpu_has_amx() -> bool:
     """AMX tiles, as torch's own CPU dispatch sees them (a private helper; missing in some builds: then no)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return _cpu_probe("_is_amx_tile_supported")
+
+
+def cpu_has_native_bf16() -> bool:
+    """A CPU that multiplies bf16 in hardware, as torch's CPU dispatch (oneDNN) sees it: AMX tiles or AVX512-BF16."""
+    return cpu_has_amx() or _cpu_probe("_is_avx512_bf16_supported")
+
+
+def _cpu_probe(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)
     try:
         return bool(probe()) if probe else False
     except RuntimeError:

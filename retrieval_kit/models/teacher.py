@@ -53,7 +53,7 @@ def teacher_fingerprint(name: str | None, dim: int) -> str:
 
 def load_teacher(name: str | None = None, device=None):
     """Return a SentenceTransformer in eval mode: fp16 on CUDA (bf16 for Gemma-family encoders), bf16 on a CPU
-    where ``pick_dtype`` picks it for the backbone (AMX tiles, or ``RKIT_DTYPE=bfloat16``), float32 elsewhere.
+    where ``pick_dtype`` picks it for the backbone (AMX tiles or AVX512-BF16, or ``RKIT_DTYPE=bfloat16``), float32 elsewhere.
 
     bf16 on the 2-core AMX Xeon: CACM's 3,204 documents embed in 38 s instead of 65, a batch of 16 search-box
     queries in 73 ms instead of 159 on one thread, and CACM nDCG@10 is 0.4096 (bf16 documents and queries) vs
