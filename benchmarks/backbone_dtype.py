@@ -93,13 +93,12 @@ def main() -> None:
     }
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     results: dict = {name: {d: [] for d in dtypes} for name in work}
-    with torch.inference_mode(False):
-        for enc in encoders.values():  # warm-up: first calls allocate and pick kernels
-            enc.encode(queries[:4])
-        for r in range(args.rounds):
-            for name, fn in work.items():
-                for d in (dtypes if r % 2 == 0 else reversed(list(dtypes))):  # alternate which type goes first
-                    results[name][d].append(fn(encoders[d], dtypes[d]))
+    for enc in encoders.values():  # warm-up: first calls allocate and pick kernels
+        enc.encode(queries[:4])
+    for r in range(args.rounds):
+        for name, fn in work.items():
+            for d in (dtypes if r % 2 == 0 else reversed(list(dtypes))):  # alternate which type goes first
+                results[name][d].append(fn(encoders[d], dtypes[d]))
     fp32 = encoders["float32"].encode(queries[8:40])
     bf16 = encoders["bfloat16"].encode(queries[8:40])
     cos = (np.asarray(fp32) * np.asarray(bf16)).sum(-1)

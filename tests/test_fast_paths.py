@@ -158,9 +158,11 @@ def test_the_reconstruction_loss_scores_target_positions_only_and_equals_the_ful
     targets = tokenize_targets(encoder.tokenizer, ["Rotate them monthly.", "The MIT license, and it is short."], 32,
                                encoder.device)
     fast = encoder.recon_loss(soft, targets["target_ids"], targets["target_mask"])
-    # reference: every position through the causal LM head, padding ignored by label -100
-    n = soft.shape[1]
-    inputs = torch.cat([soft, encoder.backbone.get_input_embeddings()(targets["target_ids"])], dim=1)
+    # reference: every position through the causal LM head, padding ignored by label -100, after what the backbone
+    # reads before an answer (the soft prompt, in the chat template's user turn for a chat-format adapter)
+    prefix = encoder.recon_inputs(soft)
+    n = prefix.shape[1]
+    inputs = torch.cat([prefix, encoder.backbone.get_input_embeddings()(targets["target_ids"])], dim=1)
     mask = torch.cat([targets["target_mask"].new_ones(2, n), targets["target_mask"]], dim=1)
     logits = encoder.backbone(inputs_embeds=inputs, attention_mask=mask).logits[:, n - 1 : -1]
     labels = targets["target_ids"].masked_fill(targets["target_mask"] == 0, -100)
