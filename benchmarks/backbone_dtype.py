@@ -17,32 +17,19 @@ import json
 import os
 import re
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 
 def _encoder(dtype: str):
-    import torch
-
     from retrieval_kit.models import load_encoder
+    from retrieval_kit.models.backbone import DTYPES
 
     os.environ["RKIT_DTYPE"] = dtype  # the product's own switch, read when the backbone loads: an encoder loads it
     encoder = load_encoder(device="cpu")  # lazily, so load it now, while this type is the one asked for
-    assert encoder.backbone.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], encoder.backbone.dtype
+    assert encoder.backbone.dtype == DTYPES[dtype], encoder.backbone.dtype
     return encoder
-
-
-def _matmul(dtype, n: int = 2048) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 2 * n ** 3 * 5 / (time.perf_counter() - t0) / 1e9
 
 
 def _train_step(encoder, queries: list[str], answers: list[str]):
@@ -66,8 +53,11 @@ def _train_step(encoder, queries: list[str], answers: list[str]):
 def main() -> None:
     import torch
 
+    from benchmarks.perf.common import timed
     from benchmarks.perf.data import queries as pool_queries
+    from benchmarks.perf.encode import _matmul_peak
     from retrieval_kit.machine import machine_info
+    from retrieval_kit.models.backbone import DTYPES, _cpu_probe, cpu_has_amx
     from retrieval_kit.models.generation import generate_batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,20 +68,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info()
-    machine["avx512_bf16"] = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    machine["amx"] = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    machine["avx512_bf16"] = _cpu_probe("_is_avx512_bf16_supported")
+    machine["amx"] = cpu_has_amx()
     queries = pool_queries(48)
-    encoders = {name: _encoder(name) for name in ("float32", "bfloat16")}
+    encoders = {name: _encoder(name) for name in DTYPES}
     answers = [f"An answer of a few words to: {q}" for q in queries[:8]]
+    once = lambda fn: timed(fn, repeat=1).min  # one timed call per round; the rounds give the median
     work = {
-        "matmul 2048² (GFLOP/s)": lambda enc, dt: _matmul(dt),
-        "encode batch 1, 8 queries (s)": lambda enc, dt: _time(lambda: [enc.encode([q]) for q in queries[:8]]),
-        "encode batch 32 (s)": lambda enc, dt: _time(lambda: enc.encode(queries[8:40], batch_size=32)),
-        "generate 16 answers × 32 tokens (s)": lambda enc, dt: _time(
+        "matmul 2048² (GFLOP/s)": lambda enc, dt: _matmul_peak(torch.device("cpu"), dt) / 1e9,
+        "encode batch 1, 8 queries (s)": lambda enc, dt: once(lambda: [enc.encode([q]) for q in queries[:8]]),
+        "encode batch 32 (s)": lambda enc, dt: once(lambda: enc.encode(queries[8:40], batch_size=32)),
+        "generate 16 answers × 32 tokens (s)": lambda enc, dt: once(
             lambda: generate_batch(enc.backbone, enc.tokenizer, queries[:16], max_new_tokens=32)),
-        "train step, batch 8, 32 target tokens (s)": lambda enc, dt: _time(_train_step(enc, queries[:8], answers)),
+        "train step, batch 8, 32 target tokens (s)": lambda enc, dt: once(_train_step(enc, queries[:8], answers)),
     }
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtypes = DTYPES
     results: dict = {name: {d: [] for d in dtypes} for name in work}
     for enc in encoders.values():  # warm-up: first calls allocate and pick kernels
         enc.encode(queries[:4])
@@ -119,12 +110,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"→ {out}")
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
