@@ -11,6 +11,11 @@ when missing), then
   decoding starts from that token);
 - greedy decodes (what ``rkit search --explain`` shows) against the real answers: ROUGE-L F1 and teacher cosine.
 Results: the table on stdout, everything in ``--json``.
+
+``--pool-slice LO:HI`` evaluates on the pool's lines LO..HI-1 instead (a tune slice: choose decode options or
+training variants there, never on the held-out queries the targets are reported on); ``--decode-option
+NAME=k=v[,k=v]`` (repeatable) adds decodes of the same soft prompts with more ``generate`` arguments, e.g.
+``beam3=num_beams=3`` or ``rep1.2=repetition_penalty=1.2``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,24 @@ def held_out(queries: str, limit: int, val_size: int, n: int, also: list[str]) -
         keep = set(load_split(queries, other_val, other_limit).val)
         val = [q for q in val if q in keep]
     return val[:n]
+
+
+def pool_slice(queries: str, spec: str) -> list[str]:
+    """The query texts of pool lines LO..HI-1 ("LO:HI"), in file order."""
+    from retrieval_kit.train.data import read_queries
+
+    lo, hi = (int(x) for x in spec.split(":"))
+    return read_queries(queries, limit=hi)[lo:]
+
+
+def decode_option(spec: str) -> tuple[str, dict]:
+    """ "beam3=num_beams=3,no_repeat_ngram_size=3" -> ("beam3", {"num_beams": 3, "no_repeat_ngram_size": 3})."""
+    name, _, rest = spec.partition("=")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    return name, options
 
 
 def answers(encoder, queries: list[str], max_new_tokens: int, cache_dir: Path) -> dict[str, str]:
@@ -77,22 +100,33 @@ def evaluate(adapter: str, args) -> dict:
     encoder = load_adapter(adapter, device="cpu")
     hyper = (encoder.config.training or {}).get("hyperparameters", {})
     max_new = args.max_new_tokens or hyper.get("max_new_tokens", 128)
-    queries = held_out(args.queries, args.limit, args.val_size, args.n, args.also_held_out)
+    if args.pool_slice:
+        queries = pool_slice(args.queries, args.pool_slice)
+    else:
+        queries = held_out(args.queries, args.limit, args.val_size, args.n, args.also_held_out)
     table = answers(encoder, queries, max_new, Path(args.cache_dir))
     responses = [table[q] for q in queries]
     t0 = time.perf_counter()
     pos = per_position(encoder, queries, responses, args.positions)
-    decoded = encoder.decode(queries, max_new_tokens=args.decode_tokens)
-    vec_d = encoder.encode_teacher(decoded)
+    _, soft = encoder.encode(queries, with_soft_prompts=True)
     vec_r = encoder.encode_teacher(responses)
+
+    def scored(options: dict) -> tuple[dict, list[str]]:
+        decoded = encoder.decode(queries, max_new_tokens=args.decode_tokens, soft_prompts=soft, generate_options=options)
+        vec_d = encoder.encode_teacher(decoded)
+        return {"tokens": args.decode_tokens, "options": options,
+                "rouge_l_f1": float(np.mean([rouge_l_f1(d, r) for d, r in zip(decoded, responses)])),
+                "teacher_cos": float((vec_d * vec_r).sum(1).mean()),
+                "distinct_first_words": len({(d.split() or [""])[0] for d in decoded})}, decoded
+
+    greedy, decoded = scored({})
     return {
         "adapter": adapter, "recon_format": encoder.config.recon_format,
         "steps": (encoder.config.training or {}).get("steps"), "n": len(queries), "max_new_tokens": max_new,
+        "queries": f"pool lines {args.pool_slice}" if args.pool_slice else "held out",
         "per_position": pos,
-        "decode": {"tokens": args.decode_tokens,
-                   "rouge_l_f1": float(np.mean([rouge_l_f1(d, r) for d, r in zip(decoded, responses)])),
-                   "teacher_cos": float((vec_d * vec_r).sum(1).mean()),
-                   "distinct_first_words": len({(d.split() or [""])[0] for d in decoded})},
+        "decode": greedy,
+        "decode_options": {name: scored(options)[0] for name, options in map(decode_option, args.decode_option)},
         "examples": [{"query": q, "response": r, "decoded": d} for q, r, d in zip(queries[:6], responses, decoded)],
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -107,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--also-held-out", action="append", default=[], metavar="LIMIT:VAL",
                     help="keep only queries also held out of this split (another adapter's --limit:--val-size)")
     ap.add_argument("-n", type=int, default=64, help="held-out queries evaluated")
+    ap.add_argument("--pool-slice", default=None, metavar="LO:HI",
+                    help="evaluate on the pool's lines LO..HI-1 instead of the held-out split (a tune slice)")
+    ap.add_argument("--decode-option", action="append", default=[], metavar="NAME=k=v[,k=v]",
+                    help="also decode with these generate() arguments, e.g. beam3=num_beams=3 (repeatable)")
     ap.add_argument("--positions", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="response length (default: the adapter's)")
@@ -119,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['adapter']} ({r['recon_format']}, {r['steps']} steps, n={r['n']}): decode ROUGE-L "
               f"{r['decode']['rouge_l_f1']:.3f}, teacher cos {r['decode']['teacher_cos']:.3f}; "
               f"CE at answer tokens 1-4 {ce[:4]} (top-1 {top1[:4]}), mean over {len(ce)} {np.mean(ce):.2f}")
+        for name, d in r["decode_options"].items():
+            print(f"  decode {name} {d['options']}: ROUGE-L {d['rouge_l_f1']:.3f}, teacher cos {d['teacher_cos']:.3f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

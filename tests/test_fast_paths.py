@@ -195,3 +195,79 @@ def test_reconstruction_in_length_groups_equals_one_padded_forward(encoder):
     (g_whole,) = torch.autograd.grad(whole, soft)
     assert_same_gradient(g_grouped, g_whole)
     assert recon_group(torch.device("cpu"), 16) == RECON_GROUP and recon_group(torch.device("cuda"), 16) == 16
+
+
+def test_first_token_weight_is_a_weighted_mean_of_the_token_losses_in_any_grouping(encoder):
+    """--first-token-weight W: the first --first-tokens answer tokens of every row count W times in the training
+    L_recon. Reference: per-token cross-entropies from one padded forward through the causal LM head, averaged by
+    hand with those weights; the length-grouped CPU path must give the same loss and gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from retrieval_kit.train.loop import RECON_GROUP, TrainConfig, make_batch, recon_by_length
+
+    queries = QUERIES + ["a", "what is the CAP theorem and why does it matter for a database cluster?"] * 2
+    answers = ["Rotate them monthly.", "The MIT license, and it is short.", "Yes.",
+               "Consistency, availability and partition tolerance: a cluster keeps two when the network splits."]
+    answers = (answers * 3)[: len(queries)]
+    cfg = TrainConfig(max_target_tokens=32, first_token_weight=3.0, first_tokens=4)
+    targets = torch.nn.functional.normalize(torch.randn(len(queries), 384), dim=-1)
+    batch = make_batch(encoder, queries, answers, targets, cfg, weighted=True)
+    ids, mask, weights = batch["target_ids"], batch["target_mask"], batch["target_weights"]
+    # weights: 3 on each row's first 4 tokens, 1 after, 0 on padding ("Yes." + eos is 3 tokens: no 1s at all)
+    assert weights[:, :4][mask[:, :4].bool()].unique().tolist() == [3.0]
+    assert weights[:, 4:][mask[:, 4:].bool()].unique().tolist() == [1.0]
+    assert float(weights[mask == 0].abs().sum()) == 0.0
+    assert "target_weights" not in make_batch(encoder, queries, answers, targets, cfg)  # validation: plain mean
+
+    soft = encoder(**encoder.tokenize_queries(queries))["soft_prompt"]
+    prefix = encoder.recon_inputs(soft)
+    n = prefix.shape[1]
+    inputs = torch.cat([prefix, encoder.backbone.get_input_embeddings()(ids)], dim=1)
+    full_mask = torch.cat([mask.new_ones(len(ids), n), mask], dim=1)
+    logits = encoder.backbone(inputs_embeds=inputs, attention_mask=full_mask).logits[:, n - 1 : -1]
+    token_ce = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    reference = (token_ce * weights).sum() / weights.sum()
+    plain = (token_ce * mask).sum() / mask.sum()
+    grouped = recon_by_length(encoder, soft, ids, mask, RECON_GROUP, weights)
+    whole = recon_by_length(encoder, soft, ids, mask, len(queries), weights)
+    # float32 sums in another order: ~2e-5 relative apart; a mis-weighting moves the loss by more than 1e-3
+    torch.testing.assert_close(grouped, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)
+    assert abs(float(reference - plain)) > 1e-2  # the weights changed the loss: the check can fail
+    (g_grouped,) = torch.autograd.grad(grouped, soft, retain_graph=True)
+    (g_reference,) = torch.autograd.grad(reference, soft)
+    assert_same_gradient(g_grouped, g_reference)
+
+
+def test_training_runs_eager_attention_on_a_cpu_with_the_same_losses_and_gradient(encoder):
+    """The trainer swaps SDPA for eager attention on a CPU (its flash-attention backward was the slow part of a
+    step): the same losses and soft-prompt gradient as SDPA, on a padded batch where a wrong causal or padding
+    mask would change both by far more than rounding."""
+    import torch
+
+    from retrieval_kit.train.loop import TrainConfig, compute_losses, make_batch, training_attention
+
+    queries = QUERIES + ["a", "what is the CAP theorem and why does it matter for a database cluster?"]
+    answers = ["Rotate them monthly.", "The MIT license, and it is short.", "Yes.",
+               "Consistency, availability and partition tolerance: a cluster keeps two when the network splits."]
+    cfg = TrainConfig(max_target_tokens=32)
+    batch = make_batch(encoder, queries, answers, torch.nn.functional.normalize(torch.randn(4, 384), dim=-1), cfg)
+
+    def losses_and_grad():
+        losses = compute_losses(encoder, encoder, batch, cfg)
+        (grad,) = torch.autograd.grad(losses["recon"], encoder.special)
+        return {k: float(v) for k, v in losses.items()}, grad
+
+    before = encoder.backbone.config._attn_implementation
+    try:
+        sdpa, g_sdpa = losses_and_grad()
+        assert training_attention(encoder) == "eager" == encoder.backbone.config._attn_implementation
+        eager, g_eager = losses_and_grad()
+    finally:
+        encoder.backbone.set_attn_implementation(before)
+    assert before == "sdpa"
+    tol = 2e-2 if encoder.backbone.dtype == torch.bfloat16 else 1e-4  # bf16 rounds each kernel's sums differently
+    for k in ("recon", "align"):
+        assert abs(eager[k] - sdpa[k]) <= tol * abs(sdpa[k]), (k, eager[k], sdpa[k])
+    assert float((g_eager - g_sdpa).norm() / g_sdpa.norm()) < 10 * tol

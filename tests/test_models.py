@@ -61,6 +61,16 @@ def test_decode_returns_text(encoder):
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
 
+def test_decode_passes_generate_options_through(encoder):
+    """generate_options reach transformers' generate (benchmarks/explain_faithfulness.py compares decodes with
+    them): with every token but " ok" suppressed, the decode can only say ok."""
+    ok = encoder.tokenizer(" ok", add_special_tokens=False)["input_ids"]
+    suppressed = [i for i in range(len(encoder.tokenizer)) if i not in ok]
+    (plain,) = encoder.decode(QUERIES[:1], max_new_tokens=4)
+    (only_ok,) = encoder.decode(QUERIES[:1], max_new_tokens=4, generate_options={"suppress_tokens": suppressed})
+    assert only_ok.split() == ["ok"] * 4 and plain != only_ok
+
+
 def test_generate_answers(encoder):
     (answer,) = encoder.generate(["What is the capital of France?"], max_new_tokens=12)
     assert "Paris" in answer

@@ -23,7 +23,7 @@ from retrieval_kit.errors import TrainError
 from retrieval_kit.train import TrainConfig, cpu_threads, train
 from retrieval_kit.train.data import load_split, read_queries, split_queries
 from retrieval_kit.train.loop import LoopData, align_loss, batch_indices, lr_factor, tokenize_targets, train_loop
-from retrieval_kit.train.report import read_log, rouge_l_f1
+from retrieval_kit.train.report import decode_curve, read_log, rouge_l_f1
 from retrieval_kit.train.targets import embed_texts, target_cache
 
 QUERIES = [
@@ -291,6 +291,7 @@ def test_max_minutes_ends_the_loop_and_still_writes_a_whole_adapter(cli, pool, t
     assert code == 0, lines
     events = [r for r in read_log(out / "training_log.jsonl") if r.get("event") == "deadline"]
     assert [r["step"] for r in events] == [1]
+    assert decode_curve(read_log(out / "training_log.jsonl"))[-1][0] == 1  # the card's curve ends where the loop did
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 1
     assert "ended at the wall-clock deadline, before the planned 40" in (out / "README.md").read_text()
 
@@ -325,6 +326,8 @@ def test_chat_recon_format_trains_and_decodes_what_it_trained(pool, tmp_path):
     assert saved.decode([query], max_new_tokens=4)[0] == saved.tokenizer.decode(ids, skip_special_tokens=True).strip()
     with pytest.raises(TrainError, match="unknown --recon-format"):
         tiny(pool, out, recon_format="xml").check()
+    with pytest.raises(TrainError, match="--first-token-weight must be > 0"):
+        tiny(pool, out, first_token_weight=0.0).check()
 
 
 # ---- small pieces, no models -----------------------------------------------------------------------------

@@ -374,12 +374,14 @@ class GenerativeEncoder(nn.Module):
                 memo[key] = tuple(embed(i).detach() for i in ids)
         return memo[key]
 
-    def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                   target_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the frozen backbone reproducing the target tokens after the soft prompt.
 
         Targets are right-padded; padded positions are ignored. Only response tokens are scored, and only their
         positions go through the LM head: the soft prompt's and the padding's logits (a third of a batch's
         vocabulary-sized rows) were computed and thrown away before (benchmarks/perf, training stage).
+        ``target_weights`` (the mask's shape): a weighted mean over the scored tokens instead of the plain mean.
         """
         embed = self.backbone.get_input_embeddings()
         prefix = self.recon_inputs(soft_prompt)
@@ -392,7 +394,10 @@ class GenerativeEncoder(nn.Module):
         cap = getattr(self.backbone.config, "final_logit_softcapping", None)  # Gemma-style models cap their logits
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, target_ids[scored])
+        if target_weights is None:
+            return F.cross_entropy(logits, target_ids[scored])
+        weights = target_weights[scored].to(logits.dtype)
+        return (F.cross_entropy(logits, target_ids[scored], reduction="none") * weights).sum() / weights.sum().clamp(min=1e-12)
 
     # ---- inference API ----------------------------------------------------------------------------
     def _progress(self, total: int, description: str, show: bool):
@@ -516,28 +521,31 @@ class GenerativeEncoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, texts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 16,
-               show_progress: bool = False, soft_prompts: np.ndarray | None = None) -> list[str]:
+               show_progress: bool = False, soft_prompts: np.ndarray | None = None,
+               generate_options: dict | None = None) -> list[str]:
         """Read the generative embedding back as text: the soft prompt continued greedily by the frozen backbone
         (KV-cached generation). ``soft_prompts`` (from ``encode(..., with_soft_prompts=True)``, one per text):
-        decode those instead of encoding the texts again."""
+        decode those instead of encoding the texts again. ``generate_options``: more arguments for transformers'
+        ``generate`` (e.g. ``num_beams``, ``repetition_penalty``; benchmarks/explain_faithfulness.py compares them)."""
+        options = generate_options or {}
         if soft_prompts is None:
             def run(batch):
-                return self._continue(self(**self.tokenize_queries(batch))["soft_prompt"], max_new_tokens)
+                return self._continue(self(**self.tokenize_queries(batch))["soft_prompt"], max_new_tokens, options)
 
             return self._map_batches(texts, batch_size, run, "decoding", show_progress)
         soft = torch.as_tensor(soft_prompts, device=self.device)
         if len(soft) != len(_check_texts(texts)):
             raise InputError(f"{len(soft)} soft prompts for {len(_check_texts(texts))} texts")
         return [text for start in range(0, len(soft), batch_size)
-                for text in self._continue(soft[start : start + batch_size], max_new_tokens)]
+                for text in self._continue(soft[start : start + batch_size], max_new_tokens, options)]
 
-    def _continue(self, soft: torch.Tensor, max_new_tokens: int) -> list[str]:
+    def _continue(self, soft: torch.Tensor, max_new_tokens: int, options: dict) -> list[str]:
         """Greedy continuation of a batch of soft prompts (all the same length: no padding) by the backbone."""
         tok = self.tokenizer
         inputs = self.recon_inputs(soft)  # what training taught the backbone to continue
         mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=self.device)
         out = self.backbone.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id)
+                                     do_sample=False, pad_token_id=tok.pad_token_id, **options)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     def generate(self, texts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,

@@ -24,7 +24,7 @@ import torch
 from ..errors import TrainError
 from ..paths import rkit_home
 from .data import QuerySplit, load_split
-from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
+from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, training_attention, world
 from .report import (TrainingLog, decode_curve, machine_info, model_card, parameter_counts, plot_losses, read_log,
                      validation_figures)
 from .responses import encoder_answers
@@ -64,6 +64,7 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
     seed_everything(cfg.seed)  # fresh projections draw from the global RNG: same seed, same start
     with clock("load models"):
         encoder = encoder or _build_encoder(cfg, device)
+    training_attention(encoder)
     _sync_config_from_encoder(cfg, encoder)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else rkit_home() / "cache"
 
@@ -339,7 +340,7 @@ def _training_record(summary: dict) -> dict:
         "machine": summary["machine"].get("gpu") or summary["machine"]["cpu"],
         "hyperparameters": {k: cfg[k] for k in ("batch_size", "grad_accum", "lr", "special_lr_scale", "recon_lr_scale",
                                                  "head_lr_scale", "warmup", "schedule", "max_new_tokens",
-                                                 "max_target_tokens", "short_target_share", "short_target_tokens", "align_loss", "w_recon", "w_align", "target_mix",
+                                                 "max_target_tokens", "short_target_share", "short_target_tokens", "first_token_weight", "first_tokens", "align_loss", "w_recon", "w_align", "target_mix",
                                                  "ridge_init", "refit_head", "seed")},
         "ridge": summary.get("ridge"), "refit": summary.get("refit"), "anchor": {k: v for k, v in (summary.get("anchor") or {}).items() if k != "fuse_grid"},
         "val": {k: fig.get(k) for k in ("n_val", "student_cos", "baseline_cos", "anchor_cos", "fused_cos", "fuse_weight",

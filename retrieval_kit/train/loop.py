@@ -99,6 +99,10 @@ class TrainConfig:
     # *that* an answer follows but not *which* (benchmarks/results/explain/README.md, "Shorter targets first")
     short_target_share: float = 0.5
     short_target_tokens: int = 8
+    # the first `first_tokens` answer tokens count `first_token_weight` times in the training L_recon (1: a plain
+    # mean). Same reason as above, without leaving the later tokens out; validation keeps the plain mean
+    first_token_weight: float = 1.0
+    first_tokens: int = 4
     align_loss: str = "cos"  # cos (2 − 2·cos) | mse (mean-reduced, weak: see RESEARCH.md) | infonce (cos + in-batch)
     w_recon: float = 1.0  # 0 skips the reconstruction forward entirely
     w_align: float = 10.0
@@ -147,7 +151,9 @@ class TrainConfig:
             raise TrainError("--val-size and --tune-size must be >= 0")
         if not 0.0 <= self.short_target_share <= 1.0:
             raise TrainError("--short-target-share must be between 0 and 1")
-        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_target_tokens", "short_target_tokens", "n_compress",
+        if self.first_token_weight <= 0:
+            raise TrainError(f"--first-token-weight must be > 0, got {self.first_token_weight}")
+        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_target_tokens", "short_target_tokens", "first_tokens", "n_compress",
                      "val_every", "checkpoint_every", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -272,13 +278,18 @@ def tokenize_targets(tokenizer, responses: list[str], max_tokens: int, device) -
 
 
 def make_batch(encoder, queries: list[str], responses: list[str], targets: torch.Tensor, cfg: TrainConfig,
-               target_tokens: int | None = None) -> dict:
+               target_tokens: int | None = None, weighted: bool = False) -> dict:
     """Queries, teacher targets and (when L_recon is on) the responses cut to `target_tokens` (default: all of
-    cfg.max_target_tokens; validation always scores those)."""
+    cfg.max_target_tokens; validation always scores those). ``weighted``: the training loss's per-token weights
+    (cfg.first_token_weight) ride along as "target_weights"."""
     batch = dict(encoder.tokenize_queries(queries))
     batch["targets"] = targets.to(encoder.device)
     if cfg.w_recon > 0:  # the reconstruction forward is the expensive part: no targets, no forward
         batch.update(tokenize_targets(encoder.tokenizer, responses, target_tokens or cfg.max_target_tokens, encoder.device))
+        if weighted and cfg.first_token_weight != 1.0:
+            mask = batch["target_mask"].float()
+            first = torch.arange(mask.shape[1], device=mask.device) < cfg.first_tokens
+            batch["target_weights"] = mask * torch.where(first, cfg.first_token_weight, 1.0)
     return batch
 
 
@@ -308,22 +319,25 @@ def recon_group(device: torch.device, batch: int) -> int:
 
 
 def recon_by_length(encoder, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
-                    group: int = RECON_GROUP):
-    """The batch's reconstruction loss (mean CE over all its response tokens) computed in groups of `group`
-    responses of similar length, each cut to its own longest: the same loss and gradient as one padded forward,
-    without running the backbone over padding. Responses vary from a few tokens to the 128 cap, so one padded batch
-    was ~30% padding and trained slower on a CPU than a per-sample loop (benchmarks/perf, training stage)."""
+                    group: int = RECON_GROUP, target_weights: torch.Tensor | None = None):
+    """The batch's reconstruction loss (mean CE over all its response tokens; with ``target_weights``, their
+    weighted mean) computed in groups of `group` responses of similar length, each cut to its own longest: the
+    same loss and gradient as one padded forward, without running the backbone over padding. Responses vary from a
+    few tokens to the 128 cap, so one padded batch was ~30% padding and trained slower on a CPU than a per-sample
+    loop (benchmarks/perf, training stage)."""
     lengths = target_mask.sum(-1)
+    mass = (target_mask if target_weights is None else target_weights).float().sum(-1)  # each row's share of the mean
     order = torch.argsort(lengths, descending=True)
-    total = lengths.sum().clamp(min=1)
+    total = mass.sum().clamp(min=1e-12)
     loss = soft_prompt.new_zeros(())
     for start in range(0, len(order), group):
         rows = order[start : start + group]
         width = int(lengths[rows].max())
         if width == 0:
             continue
-        part = encoder.recon_loss(soft_prompt[rows], target_ids[rows, :width], target_mask[rows, :width])
-        loss = loss + part * lengths[rows].sum() / total  # a group's mean, weighted by its share of the tokens
+        weights = None if target_weights is None else target_weights[rows, :width]
+        part = encoder.recon_loss(soft_prompt[rows], target_ids[rows, :width], target_mask[rows, :width], weights)
+        loss = loss + part * mass[rows].sum() / total  # a group's mean, weighted by its share of the tokens
     return loss
 
 
@@ -332,10 +346,21 @@ def compute_losses(model, encoder, batch: dict, cfg: TrainConfig) -> dict[str, t
     align = align_loss(out["embedding"].float(), batch["targets"], cfg)
     if cfg.w_recon > 0:
         recon = recon_by_length(encoder, out["soft_prompt"], batch["target_ids"], batch["target_mask"],
-                                recon_group(batch["target_ids"].device, len(batch["target_ids"])))
+                                recon_group(batch["target_ids"].device, len(batch["target_ids"])),
+                                batch.get("target_weights"))
     else:
         recon = torch.zeros((), device=align.device)
     return {"loss": cfg.w_recon * recon + cfg.w_align * align, "recon": recon, "align": align}
+
+
+def training_attention(encoder) -> str:
+    """The attention kernel the training step runs: eager (plain matmuls + softmax) on a CPU, where torch's SDPA
+    flash-attention backward held ~17% of a bf16 step on the 2-core AMD EPYC and eager stepped 10-18% faster
+    (benchmarks/perf/README.md, training); the backbone's own default (SDPA) elsewhere. Same losses within bf16
+    rounding; inference is left as loaded (no difference measured there)."""
+    if encoder.device.type == "cpu":
+        encoder.backbone.set_attn_implementation("eager")
+    return encoder.backbone.config._attn_implementation
 
 
 def autocast(device: torch.device):
@@ -518,7 +543,7 @@ def train_loop(encoder, data: LoopData, cfg: TrainConfig, out: Path,
         for micro in range(cfg.grad_accum):
             idx = batch_indices(state.step * cfg.grad_accum + micro, n_train, cfg.batch_size, cfg.seed, rank, world_size)
             batch = make_batch(encoder, [data.train_queries[i] for i in idx], [data.train_responses[i] for i in idx],
-                               data.train_targets[idx], cfg, cfg.target_tokens(state.step))
+                               data.train_targets[idx], cfg, cfg.target_tokens(state.step), weighted=True)
             sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device):

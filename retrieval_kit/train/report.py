@@ -114,8 +114,10 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
 
 
 def decode_curve(rows: list[dict]) -> list[tuple[int, float]]:
-    """(step, held-out decode ROUGE-L) from the log's validation rows (TrainConfig.val_decode)."""
-    return [(r["step"], r["val_rouge_l"]) for r in rows if r.get("val_rouge_l") is not None and "event" not in r]
+    """(step, held-out decode ROUGE-L) from the log's validation rows (TrainConfig.val_decode), the one a
+    --max-minutes stop logs included (a "deadline" event: the loop's last point)."""
+    return [(r["step"], r["val_rouge_l"]) for r in rows
+            if r.get("val_rouge_l") is not None and r.get("event", "deadline") == "deadline"]
 
 
 # ---- validation figures --------------------------------------------------------------------------------
@@ -209,7 +211,9 @@ def _short_targets(cfg: dict) -> str:
     from .loop import short_targets  # here, not at the top: loop.py imports this module
 
     n, tokens = short_targets(cfg)
-    return f"; the first {n} steps only the first {tokens}" if n else ""
+    clause = f"; the first {n} steps only the first {tokens}" if n else ""
+    weight = cfg.get("first_token_weight", 1.0)
+    return clause + (f"; the first {cfg['first_tokens']} count {weight:g}×" if weight != 1.0 else "")
 
 
 def model_card(summary: dict) -> str:
