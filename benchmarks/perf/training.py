@@ -30,14 +30,7 @@ def measure(quick: bool, device: str | None = None, peer: bool = True) -> dict:
     from retrieval_kit.models import load_encoder
     from retrieval_kit.train.loop import TrainConfig, compute_losses, make_batch, param_groups
 
-    try:
-        from retrieval_kit.train.loop import training_attention
-    except ImportError:  # a checkout from before 2026-12-07 (--under): its step ran the attention it loaded
-        def training_attention(encoder):
-            return encoder.backbone.config._attn_implementation
-
     encoder = load_encoder(device=device)
-    attention = training_attention(encoder)  # the kernel the trainer picks for this device
     cfg = TrainConfig()
     bs = cfg.batch_size
     # answer-length texts (40-100 words ≈ 55-130 tokens; the shipped adapter's answers were capped at 96 tokens)
@@ -70,7 +63,7 @@ def measure(quick: bool, device: str | None = None, peer: bool = True) -> dict:
 
     batch = make_batch(encoder, qs, responses, targets, cfg)
     losses = compute_losses(encoder, encoder, batch, cfg)  # the step's losses: a faster step must compute the same
-    result = {"losses": {k: round(float(v), 5) for k, v in losses.items()}, "backbone_dtype": str(encoder.backbone.dtype), "attention": attention,
+    result = {"losses": {k: round(float(v), 5) for k, v in losses.items()}, "backbone_dtype": str(encoder.backbone.dtype),
               "tokens_per_step": int(batch["attention_mask"].sum()) + bs * encoder.special.shape[0]
               + int(batch["target_mask"].sum()), "target_tokens": int(batch["target_mask"].sum()),
               "query_tokens": int(batch["attention_mask"].sum()), "threads": torch.get_num_threads()}

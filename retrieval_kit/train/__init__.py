@@ -24,7 +24,7 @@ import torch
 from ..errors import TrainError
 from ..paths import rkit_home
 from .data import QuerySplit, load_split
-from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, training_attention, world
+from .loop import LoopData, TrainConfig, check_resumable, embed_queries, seed_everything, train_loop, world
 from .report import (TrainingLog, decode_curve, machine_info, model_card, parameter_counts, plot_losses, read_log,
                      validation_figures)
 from .responses import encoder_answers
@@ -64,7 +64,6 @@ def _train(config: TrainConfig, encoder, progress: bool) -> dict:
     seed_everything(cfg.seed)  # fresh projections draw from the global RNG: same seed, same start
     with clock("load models"):
         encoder = encoder or _build_encoder(cfg, device)
-    training_attention(encoder)
     _sync_config_from_encoder(cfg, encoder)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else rkit_home() / "cache"
 

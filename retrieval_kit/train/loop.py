@@ -353,16 +353,6 @@ def compute_losses(model, encoder, batch: dict, cfg: TrainConfig) -> dict[str, t
     return {"loss": cfg.w_recon * recon + cfg.w_align * align, "recon": recon, "align": align}
 
 
-def training_attention(encoder) -> str:
-    """The attention kernel the training step runs: eager (plain matmuls + softmax) on a CPU, where torch's SDPA
-    flash-attention backward held ~17% of a bf16 step on the 2-core AMD EPYC and eager stepped 10-18% faster
-    (benchmarks/perf/README.md, training); the backbone's own default (SDPA) elsewhere. Same losses within bf16
-    rounding; inference is left as loaded (no difference measured there)."""
-    if encoder.device.type == "cpu":
-        encoder.backbone.set_attn_implementation("eager")
-    return encoder.backbone.config._attn_implementation
-
-
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (the backbone is already bf16 there; this covers the fp32 projections); none on CPU."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
