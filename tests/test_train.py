@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -162,6 +163,16 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_cached_responses(poo
         train(tiny(pool, part, w_recon=0, checkpoint_every=2), progress=False)
     with pytest.raises(TrainError, match="lr"):  # resuming with other settings would not reproduce anything
         train(tiny(pool, part, w_recon=0, checkpoint_every=2, lr=5e-3, resume=True), progress=False)
+    # a checkpoint from before a setting existed resumes as if it had the setting's default, and only then
+    from retrieval_kit.train.loop import check_resumable
+
+    older = torch.load(part / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    same = TrainConfig(**older["config"])  # the run's own settings, as resolved by train()
+    for key in ("first_token_weight", "first_tokens"):
+        del older["config"][key]
+    check_resumable(part / "checkpoint", same, older)
+    with pytest.raises(TrainError, match="first_token_weight"):
+        check_resumable(part / "checkpoint", TrainConfig(**{**asdict(same), "first_token_weight": 2.0}), older)
     resumed = train(tiny(pool, part, w_recon=0, checkpoint_every=2, resume=True), progress=False)
     assert resumed["status"] == "finished" and resumed["steps"] == 4
 

@@ -26,7 +26,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -469,7 +469,9 @@ def _read_checkpoint(folder: Path) -> dict:
 def check_resumable(folder: Path, cfg: TrainConfig, payload: dict | None = None) -> dict:
     """The checkpoint exists and was made with the same settings (else resuming would not reproduce anything)."""
     payload = payload or _read_checkpoint(folder)
-    changed = sorted(k for k, v in cfg.resume_key().items() if payload["config"].get(k) != v)
+    # a setting newer than the checkpoint counts as its default: new settings default to the old behaviour
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = sorted(k for k, v in cfg.resume_key().items() if payload["config"].get(k, defaults.get(k)) != v)
     if changed:
         raise TrainError(f"--resume: settings differ from the checkpoint's: {', '.join(changed)}")
     return payload
