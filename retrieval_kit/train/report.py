@@ -206,8 +206,9 @@ def _cell(text: str, limit: int = 300) -> str:
     return text.replace("|", "\\|")
 
 
-def _short_targets(cfg: dict) -> str:
-    """The curriculum clause of the loss line; '' when every step used the whole target (and for older configs)."""
+def _target_clause(cfg: dict) -> str:
+    """What the loss line adds about the targets: the curriculum (shorter targets first) and the first tokens' weight;
+    '' when every step used the whole target at equal weights (and for older configs)."""
     from .loop import short_targets  # here, not at the top: loop.py imports this module
 
     n, tokens = short_targets(cfg)
@@ -250,7 +251,7 @@ def model_card(summary: dict) -> str:
         f"grad-accum {cfg['grad_accum']} × {summary.get('world_size', 1)} device(s), AdamW lr {cfg['lr']} "
         f"(× {cfg['special_lr_scale']} special tokens, × {cfg['recon_lr_scale']} recon_proj, × {cfg['head_lr_scale']} head) "
         f"({cfg['schedule']} decay after {cfg['warmup']} warm-up steps, to ×{cfg['min_lr_ratio']}), grad clip {cfg['grad_clip']}, seed {cfg['seed']}",
-        f"- loss = {cfg['w_recon']} · L_recon (response tokens ≤ {cfg['max_target_tokens']}{_short_targets(cfg)}) + {cfg['w_align']} · "
+        f"- loss = {cfg['w_recon']} · L_recon (response tokens ≤ {cfg['max_target_tokens']}{_target_clause(cfg)}) + {cfg['w_align']} · "
         f"L_align ({cfg['align_loss']}); the backbone reads the soft prompt back "
         f"{'as the user turn of its chat template' if cfg.get('recon_format') == 'chat' else 'raw (no template)'}; "
         f"{cfg['n_thought']} thought + {cfg['n_compress']} compression tokens, "
