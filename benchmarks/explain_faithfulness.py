@@ -76,21 +76,16 @@ def per_position(encoder, queries: list[str], responses: list[str], positions: i
     """Mean CE and top-1 accuracy at each of the first ``positions`` answer tokens, teacher-forced after what the
     backbone reads before an answer (encoder.recon_inputs); rows shorter than a position do not count there."""
     losses, hits, counts = np.zeros(positions), np.zeros(positions), np.zeros(positions)
-    embed = encoder.backbone.get_input_embeddings()
     for start in range(0, len(queries), batch_size):
-        prefix = encoder.recon_inputs(encoder(**encoder.tokenize_queries(queries[start : start + batch_size]))["soft_prompt"])
+        soft = encoder(**encoder.tokenize_queries(queries[start : start + batch_size]))["soft_prompt"]
         t = tokenize_targets(encoder.tokenizer, responses[start : start + batch_size], positions, encoder.device)
-        ids, mask, n = t["target_ids"], t["target_mask"], prefix.shape[1]
-        full = torch.cat([mask.new_ones(len(ids), n), mask], dim=1)
-        states = encoder.backbone.get_decoder()(inputs_embeds=torch.cat([prefix, embed(ids)], 1), attention_mask=full)
-        logits = encoder.backbone.get_output_embeddings()(states.last_hidden_state[:, n - 1 : -1]).float()
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").cpu().numpy()
-        hit = (logits.argmax(-1) == ids).cpu().numpy()
-        m = mask.cpu().numpy().astype(bool)
-        w = m.shape[1]
-        losses[:w] += (ce * m).sum(0)
-        hits[:w] += (hit * m).sum(0)
-        counts[:w] += m.sum(0)
+        ids, mask = t["target_ids"], t["target_mask"]
+        logits = encoder.recon_logits(soft, ids, mask)  # one row per scored token, row-major
+        labels = ids[mask.bool()]
+        column = mask.bool().nonzero()[:, 1].cpu().numpy()  # each row's answer position
+        np.add.at(losses, column, torch.nn.functional.cross_entropy(logits, labels, reduction="none").cpu().numpy())
+        np.add.at(hits, column, (logits.argmax(-1) == labels).cpu().numpy())
+        np.add.at(counts, column, 1)
     counts = np.maximum(counts, 1)
     return {"ce": (losses / counts).round(3).tolist(), "top1": (hits / counts).round(3).tolist(),
             "rows": counts.astype(int).tolist()}

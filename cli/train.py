@@ -57,6 +57,7 @@ def train(
     n_thought: Optional[int] = typer.Option(None, "--n-thought", min=0, help="Thought tokens (default 10)."),
     n_compress: Optional[int] = typer.Option(None, "--n-compress", min=1, help="Compression tokens (default 10)."),
     align_head: Optional[str] = typer.Option(None, "--align-head", help="linear (default) or mlp."),
+    init_prompt: Optional[str] = typer.Option(None, "--init-prompt", help="A fresh adapter's special tokens start as this text's tokens, repeated (e.g. \"Answer briefly:\"; default: random vocabulary rows)."),
     recon_format: Optional[str] = typer.Option(None, "--recon-format", help="How the backbone reads the soft prompt back: chat (default: as the user turn of its chat template) or raw (the soft prompt alone, as adapters before 2026-12)."),
     align_loss: str = typer.Option("cos", "--align-loss", help="cos (2−2·cos), mse, or infonce (cos + in-batch contrastive)."),
     w_recon: float = typer.Option(1.0, "--w-recon", min=0.0, help="Weight of L_recon (0 skips the reconstruction forward)."),
@@ -85,13 +86,13 @@ def train(
     from retrieval_kit.train import train as run_training
 
     quiet_libraries()
-    if adapter is not None and any(v is not None for v in (n_thought, n_compress, align_head, system_prompt, recon_format)):
-        raise TrainError("--adapter fixes the model shape: drop --n-thought/--n-compress/--align-head/--system-prompt/--recon-format")
+    if adapter is not None and any(v is not None for v in (n_thought, n_compress, align_head, system_prompt, recon_format, init_prompt)):
+        raise TrainError("--adapter fixes the model shape: drop --n-thought/--n-compress/--align-head/--system-prompt/--recon-format/--init-prompt")
     config = TrainConfig(
         queries=str(_queries_path(queries)), out=str(out), limit=limit, val_size=val_size, tune_size=tune_size,
         backbone=backbone, teacher=teacher, adapter=str(adapter) if adapter else None,
         n_thought=10 if n_thought is None else n_thought, n_compress=n_compress or 10, align_head=align_head or "linear", anchor=anchor,
-        recon_format=recon_format or "chat",
+        recon_format=recon_format or "chat", init_prompt=init_prompt,
         system_prompt=system_prompt, device=device, threads=threads, cache_dir=str(cache_dir) if cache_dir else None,
         max_new_tokens=max_new_tokens, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
         head_lr_scale=head_lr_scale, recon_lr_scale=recon_lr_scale,

@@ -182,3 +182,41 @@ def test_cost_sorted_batches_cut_where_padding_costs_more_than_a_pass():
     assert len(cost_sorted_batches([5, 4, 3, 2], 32, overhead=0)) == 4
     assert len(cost_sorted_batches([500, 4, 3, 2], 32, overhead=10_000)) == 1
     assert cost_sorted_batches([], 32) == []
+
+
+def test_per_position_figures_are_the_reconstruction_loss_by_answer_position(encoder):
+    """benchmarks.explain_faithfulness.per_position (the decode diagnosis): over the first w answer tokens, its
+    per-position CEs weighted by their row counts are L_recon of targets cut to w tokens, for w = 1, 2, 6; one
+    answer ends after 3 tokens, so the later positions count one row."""
+    from benchmarks.explain_faithfulness import per_position
+    from retrieval_kit.train.loop import tokenize_targets
+
+    answers = ["Paris.", "Photosynthesis turns light, water and carbon dioxide into sugar in plants."]
+    pos = per_position(encoder, QUERIES[:2], answers, positions=6)
+    assert pos["rows"][0] == 2 and pos["rows"][-1] == 1
+    with torch.no_grad():
+        soft = encoder(**encoder.tokenize_queries(QUERIES[:2]))["soft_prompt"]
+        for width in (1, 2, 6):
+            t = tokenize_targets(encoder.tokenizer, answers, width, encoder.device)
+            loss = encoder.recon_loss(soft, t["target_ids"], t["target_mask"]).item()
+            ce, rows = np.array(pos["ce"][:width]), np.array(pos["rows"][:width])
+            assert abs((ce * rows).sum() / rows.sum() - loss) < 2e-3, (width, pos, loss)
+
+
+def test_init_prompt_starts_the_special_tokens_from_its_tokens(encoder):
+    """--init-prompt (issue 17): a fresh adapter's 20 special tokens start as the prompt's token rows repeated in
+    order, where the default draws random vocabulary rows; a prompt without tokens is refused."""
+    from retrieval_kit.errors import ModelError
+    from retrieval_kit.models import EncoderConfig
+    from retrieval_kit.models.encoder import GenerativeEncoder
+
+    ids = encoder.tokenizer("Answer briefly:", add_special_tokens=False)["input_ids"]
+    fresh = GenerativeEncoder(EncoderConfig(init_prompt="Answer briefly:"), encoder.backbone, encoder.tokenizer,
+                              encoder.teacher)
+    rows = encoder.backbone.get_input_embeddings().weight.detach()
+    expected = rows[[ids[i % len(ids)] for i in range(20)]]
+    torch.testing.assert_close(fresh.special.detach(), expected.float())
+    plain = GenerativeEncoder(EncoderConfig(), encoder.backbone, encoder.tokenizer, encoder.teacher)
+    assert not torch.equal(plain.special, fresh.special)
+    with pytest.raises(ModelError, match="no tokens"):
+        GenerativeEncoder(EncoderConfig(init_prompt=""), encoder.backbone, encoder.tokenizer, encoder.teacher)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import retrieval_kit.train.loop as loop_module
 import retrieval_kit.train.responses as responses_module
 from retrieval_kit.errors import TrainError
+from retrieval_kit.paths import DEFAULT_ADAPTER
 from retrieval_kit.train import TrainConfig, cpu_threads, train
 from retrieval_kit.train.data import load_split, read_queries, split_queries
 from retrieval_kit.train.loop import LoopData, align_loss, batch_indices, lr_factor, tokenize_targets, train_loop
@@ -284,6 +285,8 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
         (["--queries", pool["queries"], "--out", out, "--align-loss", "l1"], "unknown --align-loss"),
         (["--queries", pool["queries"], "--out", out, "--val-size", 1, "--backbone", "no-such-org/no-such-model"], "cannot load backbone"),
         (["--queries", pool["queries"], "--out", out, "--val-size", 1, "--teacher", "no-such-org/no-such-teacher"], "cannot load teacher"),
+        (["--queries", pool["queries"], "--out", out, "--adapter", DEFAULT_ADAPTER, "--init-prompt", "Answer briefly:"], "--init-prompt"),
+        (["--queries", pool["queries"], "--out", out, "--val-size", 1, "--init-prompt", " "], "--init-prompt is empty"),
     ]
     for args, expected in cases:
         code, lines = cli(*args)

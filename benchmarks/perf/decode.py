@@ -1,6 +1,7 @@
-"""Stage 6: reading a query embedding back as text. The soft prompt is continued greedily for 64 tokens with the
-KV cache (what `--explain` runs: transformers' generate) against re-running the whole prefix at every step
-(use_cache=False), at batch 1 and 16; and how many encode passes an explained search makes per query.
+"""Stage 6: reading a query embedding back as text. The soft prompt, as the decoder reads it
+(``encoder.recon_inputs``: wrapped in the chat template for a chat-format adapter), is continued greedily for 64
+tokens with the KV cache (what `--explain` runs: transformers' generate) against re-running the whole prefix at
+every step (use_cache=False), at batch 1 and 16; and how many encode passes an explained search makes per query.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     tok = encoder.tokenizer
     dtype = encoder.backbone.get_input_embeddings().weight.dtype
 
+    def prefix(batch: int):  # what GenerativeEncoder._continue feeds generate
+        return encoder.recon_inputs(torch.as_tensor(soft[:batch], device=encoder.device))
+
     def cached(batch: int):  # what --explain runs: transformers' generate, KV cache on
-        prompts = torch.as_tensor(soft[:batch], device=encoder.device).to(dtype)
+        prompts = prefix(batch)
         mask = torch.ones(prompts.shape[:2], dtype=torch.long, device=encoder.device)
         out = encoder.backbone.generate(inputs_embeds=prompts, attention_mask=mask, max_new_tokens=TOKENS,
                                         min_new_tokens=TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -37,7 +41,7 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     def recomputed(batch: int):
         # the peer: every step runs the whole sequence so far (generate(use_cache=False) keeps a cache in
         # transformers 5, so the loop is written out); eos suppressed as min_new_tokens does
-        x = torch.as_tensor(soft[:batch], device=encoder.device).to(dtype)
+        x = prefix(batch)
         embed, tokens = encoder.backbone.get_input_embeddings(), []
         for _ in range(TOKENS):
             logits = encoder.backbone(inputs_embeds=x, use_cache=False).logits[:, -1].float()
@@ -61,7 +65,8 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
                               round(batch * TOKENS / ours.median, 1), "tokens/s", round(batch * TOKENS / peer.median, 1),
                               "same greedy decode re-running the prefix each step", round(ratio, 2), "≥ 5", met, why,
                               {"ours_s": ours.as_dict(), "peer_s": peer.as_dict(), "identical_tokens": same,
-                               "soft_prompt_tokens": int(soft.shape[1]), "ratio": "ours tokens/s / peer tokens/s"}))
+                               "soft_prompt_tokens": int(soft.shape[1]),
+                               "prefix_tokens": int(prefix(1).shape[1]), "ratio": "ours tokens/s / peer tokens/s"}))
     # --explain runs the backbone's encode pass once per query (the search's soft prompts are decoded)
     passes = []
     real = encoder.compress_states

@@ -67,6 +67,9 @@ class EncoderConfig:
     recon_format: str = "raw"
     max_query_tokens: int = 256
     init_seed: int = 0
+    # a fresh adapter's special tokens start as this text's token rows, repeated in order to fill them (e.g.
+    # "Answer briefly:", issue 17), instead of random vocabulary rows; None: random rows (init_seed)
+    init_prompt: str | None = None
     trained: bool = False  # False: a stand-in; search then defaults to teacher query embeddings
     training: dict = field(default_factory=dict)  # summary written by the trainer (steps, data, figures)
     format_version: int = FORMAT_VERSION
@@ -75,6 +78,18 @@ class EncoderConfig:
     def from_dict(cls, data: dict) -> "EncoderConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def _initial_rows(config: EncoderConfig, tokenizer, n_rows: int) -> torch.Tensor:
+    """Vocabulary rows a fresh adapter's special tokens start from: the init prompt's tokens repeated in order, or
+    random rows drawn with init_seed."""
+    n = config.n_thought + config.n_compress
+    if config.init_prompt is None:
+        return torch.randint(0, n_rows, (n,), generator=torch.Generator().manual_seed(config.init_seed))
+    ids = tokenizer(config.init_prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ModelError(f"init prompt {config.init_prompt!r} has no tokens")
+    return torch.tensor(ids * -(-n // len(ids)))[:n]
 
 
 def _align_head(kind: str, hidden: int, dim: int) -> nn.Module:
@@ -120,9 +135,7 @@ class GenerativeEncoder(nn.Module):
             # by sqrt(hidden) inside it; a plain nn.Embedding gives the weight rows themselves), and only rows the
             # tokenizer uses (Qwen pads its matrix with never-trained rows past the vocabulary)
             embed = backbone.get_input_embeddings()
-            n_rows = min(embed.weight.shape[0], len(tokenizer))
-            gen = torch.Generator().manual_seed(config.init_seed)
-            rows = torch.randint(0, n_rows, (config.n_thought + config.n_compress,), generator=gen)
+            rows = _initial_rows(config, tokenizer, min(embed.weight.shape[0], len(tokenizer)))
             with torch.no_grad():
                 picked = embed(rows.to(embed.weight.device))
             self.special = nn.Parameter(picked.float().cpu().clone())
@@ -374,14 +387,14 @@ class GenerativeEncoder(nn.Module):
                 memo[key] = tuple(embed(i).detach() for i in ids)
         return memo[key]
 
-    def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
-                   target_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of the frozen backbone reproducing the target tokens after the soft prompt.
+    def recon_logits(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor,
+                     target_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's next-token logits (float) for each scored target token, teacher-forced after the
+        soft prompt as the decoder reads it (recon_inputs): one row per unpadded position of the right-padded
+        targets, in the mask's row-major order (``target_ids[target_mask.bool()]`` are their labels).
 
-        Targets are right-padded; padded positions are ignored. Only response tokens are scored, and only their
-        positions go through the LM head: the soft prompt's and the padding's logits (a third of a batch's
-        vocabulary-sized rows) were computed and thrown away before (benchmarks/perf, training stage).
-        ``target_weights`` (the mask's shape): a weighted mean over the scored tokens instead of the plain mean.
+        Only those positions go through the LM head: the soft prompt's and the padding's logits (a third of a
+        batch's vocabulary-sized rows) were computed and thrown away before (benchmarks/perf, training stage).
         """
         embed = self.backbone.get_input_embeddings()
         prefix = self.recon_inputs(soft_prompt)
@@ -389,11 +402,17 @@ class GenerativeEncoder(nn.Module):
         inputs = torch.cat([prefix, embed(target_ids)], dim=1)
         mask = torch.cat([target_mask.new_ones(target_mask.shape[0], n_prefix), target_mask], dim=1)
         states = self.backbone.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
-        scored = target_mask.bool()
-        logits = self.backbone.get_output_embeddings()(states[:, n_prefix - 1 : -1][scored]).float()
+        logits = self.backbone.get_output_embeddings()(states[:, n_prefix - 1 : -1][target_mask.bool()]).float()
         cap = getattr(self.backbone.config, "final_logit_softcapping", None)  # Gemma-style models cap their logits
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def recon_loss(self, soft_prompt: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                   target_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """L_recon: cross-entropy of the frozen backbone reproducing the target tokens after the soft prompt,
+        padded positions ignored. ``target_weights`` (the mask's shape): a weighted mean over the scored tokens
+        instead of the plain mean."""
+        logits = self.recon_logits(soft_prompt, target_ids, target_mask)
+        scored = target_mask.bool()
         if target_weights is None:
             return F.cross_entropy(logits, target_ids[scored])
         weights = target_weights[scored].to(logits.dtype)

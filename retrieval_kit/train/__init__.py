@@ -289,7 +289,7 @@ def _build_encoder(cfg: TrainConfig, device: torch.device):
     config = EncoderConfig(backbone=cfg.backbone, teacher=cfg.teacher,
                            n_thought=cfg.n_thought, n_compress=cfg.n_compress, align_head=cfg.align_head,
                            system_prompt=cfg.system_prompt, init_seed=cfg.seed, anchor=cfg.anchor,
-                           recon_format=cfg.recon_format)
+                           recon_format=cfg.recon_format, init_prompt=cfg.init_prompt)
     return build_encoder(config, device)
 
 
@@ -306,7 +306,7 @@ def _resolve_model_fields(cfg: TrainConfig) -> None:
                 raise TrainError(f"adapter {cfg.adapter} was trained for {what} '{stored}', not '{given}'")
         cfg.backbone, cfg.teacher = ac.backbone, ac.teacher
         cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ac.n_thought, ac.n_compress, ac.align_head, ac.system_prompt
-        cfg.anchor, cfg.recon_format = ac.anchor, ac.recon_format
+        cfg.anchor, cfg.recon_format, cfg.init_prompt = ac.anchor, ac.recon_format, ac.init_prompt
     cfg.backbone, cfg.teacher = cfg.backbone or DEFAULT_BACKBONE, cfg.teacher or DEFAULT_TEACHER
     if cfg.ridge_init is None:  # the closed-form fit suits a fresh linear head; a starting adapter keeps its own
         cfg.ridge_init = cfg.align_head == "linear" and not cfg.adapter
@@ -326,7 +326,7 @@ def _sync_config_from_encoder(cfg: TrainConfig, encoder) -> None:
     ec = encoder.config
     cfg.backbone, cfg.teacher = ec.backbone, ec.teacher
     cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ec.n_thought, ec.n_compress, ec.align_head, ec.system_prompt
-    cfg.anchor, cfg.recon_format = ec.anchor, ec.recon_format
+    cfg.anchor, cfg.recon_format, cfg.init_prompt = ec.anchor, ec.recon_format, ec.init_prompt
 
 
 def _training_record(summary: dict) -> dict:

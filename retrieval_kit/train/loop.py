@@ -69,6 +69,7 @@ class TrainConfig:
     # how the backbone reads the soft prompt back: chat | raw (models/encoder.py EncoderConfig). chat since 2026-12:
     # the raw soft prompt's first answer token was never right (benchmarks/results/explain/README.md)
     recon_format: str = "chat"
+    init_prompt: str | None = None  # a fresh adapter's special tokens start from this text's tokens (None: random rows)
     device: str | None = None  # None: cuda when available, else cpu
     threads: int = 0  # CPU threads; 0: the free cores (bitwise-exact resume wants the same count)
     cache_dir: str | None = None  # None: $RKIT_HOME/cache
@@ -143,6 +144,8 @@ class TrainConfig:
             raise TrainError(f"unknown --align-loss '{self.align_loss}' (use {', '.join(ALIGN_LOSSES)})")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule '{self.schedule}' (use {', '.join(SCHEDULES)})")
+        if self.init_prompt is not None and not self.init_prompt.strip():
+            raise TrainError("--init-prompt is empty (leave it out for random vocabulary rows)")
         if self.recon_format not in ("raw", "chat"):
             raise TrainError(f"unknown --recon-format '{self.recon_format}' (use raw or chat)")
         if self.align_head not in ("linear", "mlp"):

@@ -243,6 +243,8 @@ def model_card(summary: dict) -> str:
         f"training, used to choose λ, the fused weight and the query mode): {data.get('tune', 0)}",
         f"- responses: the backbone's own greedy answers, chat template, at most {cfg['max_new_tokens']} new tokens "
         f"(system prompt: {cfg.get('system_prompt') or 'template default'}); targets: teacher(response), L2-normalised",
+        *([f"- special tokens started from the tokens of {cfg['init_prompt']!r} (`--init-prompt`), not random rows"]
+          if cfg.get("init_prompt") else []),
         "",
         "## Training",
         f"- steps: {summary['steps']}"
