@@ -30,6 +30,8 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     def prefix(batch: int):  # what GenerativeEncoder._continue feeds generate
         return encoder.recon_inputs(torch.as_tensor(soft[:batch], device=encoder.device))
 
+    n_prefix = int(prefix(1).shape[1])
+
     def cached(batch: int):  # what --explain runs: transformers' generate, KV cache on
         prompts = prefix(batch)
         mask = torch.ones(prompts.shape[:2], dtype=torch.long, device=encoder.device)
@@ -65,7 +67,7 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
         why = "" if met else (f"at batch {batch} a cached step reads all {weight_bytes / 2**20:.0f} MiB of the "
                               f"backbone's {str(dtype).removeprefix('torch.')} weights through one-row matrix products "
                               f"({streamed:.1f} GB/s achieved: memory-bound), while recomputing the "
-                              f"{prefix(1).shape[1]}-{prefix(1).shape[1] + TOKENS} token prefix is compute-bound and "
+                              f"{n_prefix}-{n_prefix + TOKENS} token prefix is compute-bound and "
                               "costs only a few cached steps more; fewer bytes per weight (int8 weight-only) or "
                               "batching decodes (the server's, batch 16) are what would close it")
         figures.append(Figure("decode", f"explanation decode, {TOKENS} tokens, batch {batch} ({encoder.device.type})",
@@ -73,7 +75,7 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
                               "same greedy decode re-running the prefix each step", round(ratio, 2), "≥ 5", met, why,
                               {"ours_s": ours.as_dict(), "peer_s": peer.as_dict(), "identical_tokens": same,
                                "soft_prompt_tokens": int(soft.shape[1]),
-                               "prefix_tokens": int(prefix(1).shape[1]), "weight_bytes": weight_bytes,
+                               "prefix_tokens": n_prefix, "weight_bytes": weight_bytes,
                                "weight_gb_per_s_cached": round(streamed, 2), "ratio": "ours tokens/s / peer tokens/s"}))
     # --explain runs the backbone's encode pass once per query (the search's soft prompts are decoded)
     passes = []

@@ -304,9 +304,7 @@ def _resolve_model_fields(cfg: TrainConfig) -> None:
         for given, stored, what in ((cfg.backbone, ac.backbone, "backbone"), (cfg.teacher, ac.teacher, "teacher")):
             if given is not None and given != stored:
                 raise TrainError(f"adapter {cfg.adapter} was trained for {what} '{stored}', not '{given}'")
-        cfg.backbone, cfg.teacher = ac.backbone, ac.teacher
-        cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ac.n_thought, ac.n_compress, ac.align_head, ac.system_prompt
-        cfg.anchor, cfg.recon_format, cfg.init_prompt = ac.anchor, ac.recon_format, ac.init_prompt
+        _copy_model_fields(cfg, ac)
     cfg.backbone, cfg.teacher = cfg.backbone or DEFAULT_BACKBONE, cfg.teacher or DEFAULT_TEACHER
     if cfg.ridge_init is None:  # the closed-form fit suits a fresh linear head; a starting adapter keeps its own
         cfg.ridge_init = cfg.align_head == "linear" and not cfg.adapter
@@ -323,10 +321,14 @@ def _sync_config_from_encoder(cfg: TrainConfig, encoder) -> None:
     """The encoder (fresh or a starting adapter) decides the model shape; record it in the config."""
     if encoder.teacher is None:
         raise TrainError("training needs the encoder's teacher (load it with with_teacher=True)")
-    ec = encoder.config
-    cfg.backbone, cfg.teacher = ec.backbone, ec.teacher
-    cfg.n_thought, cfg.n_compress, cfg.align_head, cfg.system_prompt = ec.n_thought, ec.n_compress, ec.align_head, ec.system_prompt
-    cfg.anchor, cfg.recon_format, cfg.init_prompt = ec.anchor, ec.recon_format, ec.init_prompt
+    _copy_model_fields(cfg, encoder.config)
+
+
+def _copy_model_fields(cfg: TrainConfig, config) -> None:
+    """The model's names and shape, from an adapter's EncoderConfig into the training config."""
+    for name in ("backbone", "teacher", "n_thought", "n_compress", "align_head", "system_prompt", "anchor",
+                 "recon_format", "init_prompt"):
+        setattr(cfg, name, getattr(config, name))
 
 
 def _training_record(summary: dict) -> dict:
