@@ -1,4 +1,4 @@
-"""The backbone in bf16 vs float32 on this CPU: matmul peak, generative encode, answer generation, one training step.
+"""The backbone in bf16 vs float32 on this CPU: matmul peak, generative encode, --explain decode, answer generation, one training step.
 
     python -m benchmarks.backbone_dtype [--rounds 3] [--out benchmarks/results/backbone-dtype-<cpu>.json]
 
@@ -20,6 +20,8 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+
+EXACT_32 = {"min_new_tokens": 32}  # no early end of sequence: each type decodes exactly max_new_tokens
 
 
 def _encoder(dtype: str):
@@ -80,6 +82,14 @@ def main() -> None:
         "encode batch 32 (s)": lambda enc, dt: once(lambda: enc.encode(queries[8:40], batch_size=32)),
         "generate 16 answers × 32 tokens (s)": lambda enc, dt: once(
             lambda: generate_batch(enc.backbone, enc.tokenizer, queries[:16], max_new_tokens=32)),
+        # --explain's decode (KV-cached greedy continuation of the soft prompt), held at 32 new tokens so that both
+        # types decode the same number of steps: batch 1 is what one `rkit search --explain` runs, batch 16 a batch
+        "decode batch 1, 4 queries × 32 tokens (s)": lambda enc, dt: once(
+            lambda: [enc.decode([q], max_new_tokens=32, generate_options=EXACT_32) for q in queries[:4]]),
+        "decode batch 16, 32 tokens (s)": lambda enc, dt: once(
+            lambda: enc.decode(queries[:16], max_new_tokens=32, batch_size=16, generate_options=EXACT_32)),
+        "generate 1 answer × 32 tokens, 4 queries (s)": lambda enc, dt: once(
+            lambda: [generate_batch(enc.backbone, enc.tokenizer, [q], max_new_tokens=32) for q in queries[:4]]),
         "train step, batch 8, 32 target tokens (s)": lambda enc, dt: once(_train_step(enc, queries[:8], answers)),
     }
     dtypes = DTYPES

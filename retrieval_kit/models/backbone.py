@@ -170,9 +170,12 @@ def pick_dtype(device: torch.device, decoding: bool = False) -> torch.dtype:
     benchmarks/perf/README.md), or AVX512-BF16 dot products (AMD Zen 4 and later), where it ran 2.3-3x (2-core AMD
     EPYC: 32x576x1536 324 vs 141 GFLOP/s, the LM head's 32x576x49152 189 vs 63), and the generative embeddings stay
     within cos 0.999 of fp32 (tests/test_dtype.py). CPUs without either emulate bf16 and gain nothing, so they
-    stay fp32. ``decoding``: the caller will decode text token by token (``--explain``, ``rkit explain``); on a
-    CPU that is a chain of one-row matrix-vector products, where neither unit helps and a bf16 one ran slower than
-    fp32 (576x576: 69 vs 31 us on the Xeon, 33 vs 26 us on the EPYC), so such a process keeps fp32 there.
+    stay fp32. ``decoding``: the caller will decode text token by token (``--explain``, ``rkit explain``, HyDE), a
+    chain of one-row matrix-vector products. On an AVX512-BF16 CPU without AMX bf16 decodes faster end to end
+    (2-core AMD EPYC, benchmarks/backbone_dtype.py: 32 tokens at batch 1 1.34x, batch 16 1.55x), so such a process
+    takes bf16 too; on AMX CPUs it keeps fp32, because the only measurement there is a one-row product where bf16
+    ran 2x slower (576x576: 69 vs 31 us on the Xeon; the same probe had bf16 slower on the EPYC too, 33 vs 26 us,
+    where the real decode is faster: rerun benchmarks.backbone_dtype on an AMX box before changing it).
     ``RKIT_DTYPE=float32|bfloat16`` overrides (paths.dtype_setting; the CLI checks it first).
     """
     forced = dtype_setting()
@@ -180,7 +183,7 @@ def pick_dtype(device: torch.device, decoding: bool = False) -> torch.dtype:
         return DTYPES[forced]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_native_bf16() and not decoding:
+    if device.type == "cpu" and cpu_has_native_bf16() and not (decoding and cpu_has_amx()):
         return torch.bfloat16
     return torch.float32
 
