@@ -49,8 +49,8 @@ class HybridRecipe:
     """
 
     # the winner of benchmarks/results/tune/hybrid-recipe.md: convex min-max fusion of BM25, teacher and fused,
-    # mean nDCG@10 0.782 over the four tune collections vs teacher 0.762, RRF of the same three 0.756 (rerun with
-    # the adapter shipped 2026-12-07; the first run, with the previous adapter, chose the same: 0.786)
+    # mean nDCG@10 0.783 over the four tune collections vs teacher 0.762, RRF of the same three 0.756 (rerun with
+    # the "Answer briefly:" adapter shipped 2026-12-07; the two runs with earlier adapters chose the same)
     weights: tuple[tuple[str, float], ...] = (("bm25", 1.0), ("teacher", 1.0), ("fused", 1.0))
     rrf_k: int = RRF_K
     depth: int = 100
