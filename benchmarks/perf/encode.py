@@ -4,11 +4,13 @@ matmul peak the encode reaches.
 2. Queries/s of ``encode_queries(mode="generative")`` (one forward pass over query + special tokens) against
    HyDE as the product's benchmark runs it (the backbone generates up to 128 new tokens greedily, then the teacher
    embeds the answer), at batch 1 and 32, same queries, same process. Each side runs in the weight type the
-   product picks for it: HyDE decodes, so it gets the decoding pick (fp32 on a CPU, where bf16 one-row products
-   are slower), the encode the plain pick (bf16 on an AMX CPU); both are the fastest the product offers.
+   product picks for it: HyDE decodes, so it gets the decoding pick (fp32 on an AMX CPU, bf16 on an AVX512-BF16
+   one without AMX: models/backbone.pick_dtype), the encode the plain pick (bf16 on either); both are the fastest
+   the product offers.
 3. Achieved FLOP/s of the encode at batch 64: the backbone's FLOPs counted from its config for the tokens the
    batch really holds (padding is not counted as work), over the FLOP/s of a dense matmul in the backbone's own
-   weight type (fp32, or bf16 on a GPU or an AMX CPU: models/backbone.pick_dtype) measured in this run.
+   weight type (fp32, or bf16 on a GPU or a CPU with AMX or AVX512-BF16: models/backbone.pick_dtype) measured
+   in this run.
 """
 
 from __future__ import annotations
