@@ -83,9 +83,10 @@ def main() -> None:
         "generate 16 answers × 32 tokens (s)": lambda enc, dt: once(
             lambda: generate_batch(enc.backbone, enc.tokenizer, queries[:16], max_new_tokens=32)),
         # --explain's decode (KV-cached greedy continuation of the soft prompt), held at 32 new tokens so that both
-        # types decode the same number of steps: batch 1 is what one `rkit search --explain` runs, batch 16 a batch
+        # types decode the same number of steps: batch 1 is what one `rkit search --explain` runs (its int8 steps off
+        # here: the weight type alone is compared), batch 16 a batch
         "decode batch 1, 4 queries × 32 tokens (s)": lambda enc, dt: once(
-            lambda: [enc.decode([q], max_new_tokens=32, generate_options=EXACT_32) for q in queries[:4]]),
+            lambda: [enc.decode([q], max_new_tokens=32, generate_options=EXACT_32, int8=False) for q in queries[:4]]),
         "decode batch 16, 32 tokens (s)": lambda enc, dt: once(
             lambda: enc.decode(queries[:16], max_new_tokens=32, batch_size=16, generate_options=EXACT_32)),
         "generate 1 answer × 32 tokens, 4 queries (s)": lambda enc, dt: once(

@@ -107,7 +107,8 @@ def evaluate(adapter: str, args) -> dict:
     vec_r = encoder.encode_teacher(responses)
 
     def scored(options: dict) -> tuple[dict, list[str]]:
-        decoded = encoder.decode(queries, max_new_tokens=args.decode_tokens, soft_prompts=soft, generate_options=options)
+        decoded = encoder.decode(queries, max_new_tokens=args.decode_tokens, soft_prompts=soft, generate_options=options,
+                                 int8=False)
         vec_d = encoder.encode_teacher(decoded)
         return {"tokens": args.decode_tokens, "options": options,
                 "rouge_l_f1": float(np.mean([rouge_l_f1(d, r) for d, r in zip(decoded, responses)])),

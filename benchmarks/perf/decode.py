@@ -1,11 +1,13 @@
 """Stage 6: reading a query embedding back as text. The soft prompt, as the decoder reads it
 (``encoder.recon_inputs``: wrapped in the chat template for a chat-format adapter), is continued greedily for 64
-tokens with the KV cache (what `--explain` runs: transformers' generate) against re-running the whole prefix at
-every step (use_cache=False), at batch 1 and 16; and how many encode passes an explained search makes per query.
+tokens with the KV cache (what `--explain` runs: transformers' generate; at batch 1 on a bf16 CPU with int8 one-row
+steps, models/int8_decode.py, and the KV cache alone beside it) against re-running the whole prefix at every step
+(use_cache=False), at batch 1 and 16; and how many encode passes an explained search makes per query.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 
 from .common import Figure, check, sample_index, timed
@@ -17,7 +19,7 @@ TOKENS = 64
 def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
     import torch
 
-    from retrieval_kit.models import load_encoder
+    from retrieval_kit.models import int8_decode, load_encoder
 
     encoder = load_encoder(device=device, decoding=True)  # the weight type `--explain` loads (backbone.pick_dtype)
     figures = []
@@ -32,11 +34,12 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
 
     n_prefix = int(prefix(1).shape[1])
 
-    def cached(batch: int):  # what --explain runs: transformers' generate, KV cache on
+    def cached(batch: int, int8: bool = False):  # transformers' generate, KV cache on
         prompts = prefix(batch)
         mask = torch.ones(prompts.shape[:2], dtype=torch.long, device=encoder.device)
-        out = encoder.backbone.generate(inputs_embeds=prompts, attention_mask=mask, max_new_tokens=TOKENS,
-                                        min_new_tokens=TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+        with int8_decode.steps(encoder.backbone) if int8 else contextlib.nullcontext():
+            out = encoder.backbone.generate(inputs_embeds=prompts, attention_mask=mask, max_new_tokens=TOKENS,
+                                            min_new_tokens=TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] == TOKENS, out.shape
         return out
 
@@ -54,26 +57,37 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
         return torch.cat(tokens, dim=1)
 
     for batch in (1, 16):
-        log(f"decode: batch {batch}, KV cache vs recompute")
+        # what --explain runs: the KV cache, and at batch ≤ 4 on a bf16 CPU int8 one-row steps (models/int8_decode)
+        int8 = batch <= int8_decode.MAX_ROWS and int8_decode.available(encoder.backbone)
+        log(f"decode: batch {batch}, KV cache{' (+ int8 steps)' if int8 else ''} vs recompute")
         outputs = {}
-        ours = timed(lambda: outputs.__setitem__("cached", cached(batch)), repeat=2 if quick else 3)
+        kv_only = timed(lambda: outputs.__setitem__("cached", cached(batch)), repeat=2 if quick else 3)
+        ours = (timed(lambda: outputs.__setitem__("int8", cached(batch, True)), repeat=2 if quick else 3)
+                if int8 else kv_only)
         peer = timed(lambda: outputs.__setitem__("recomputed", recomputed(batch)), repeat=1 if quick else 2)
         same = torch.equal(outputs["cached"], outputs["recomputed"])
         ratio = peer.median / ours.median
         met = check(ratio, "≥ 5")
         # a cached step multiplies one row per sequence by every weight matrix: at small batches it reads all the
         # weights from memory once per token (they are far larger than the caches), so bytes, not FLOPs, set its time
-        streamed = weight_bytes / (ours.median / TOKENS) / 1e9
+        streamed = weight_bytes / (kv_only.median / TOKENS) / 1e9  # as the loaded weights are read
         why = "" if met else (f"at batch {batch} a cached step reads all {weight_bytes / 2**20:.0f} MiB of the "
                               f"backbone's {str(dtype).removeprefix('torch.')} weights through one-row matrix products "
                               f"({streamed:.1f} GB/s achieved: memory-bound), while recomputing the "
                               f"{n_prefix}-{n_prefix + TOKENS} token prefix is compute-bound and "
-                              "costs only a few cached steps more; fewer bytes per weight (int8 weight-only) or "
-                              "batching decodes (the server's, batch 16) are what would close it")
+                              "costs only a few cached steps more; "
+                              + ("int8 steps halve the bytes, and the rest of a step is small ops (norms, rotary, "
+                                 "attention, the cache) that a compiled step would fuse"
+                                 if int8 else "fewer bytes per weight (int8 steps) or batching decodes (the "
+                                 "server's, batch 16) are what would close it"))
         figures.append(Figure("decode", f"explanation decode, {TOKENS} tokens, batch {batch} ({encoder.device.type})",
                               round(batch * TOKENS / ours.median, 1), "tokens/s", round(batch * TOKENS / peer.median, 1),
                               "same greedy decode re-running the prefix each step", round(ratio, 2), "≥ 5", met, why,
                               {"ours_s": ours.as_dict(), "peer_s": peer.as_dict(), "identical_tokens": same,
+                               "int8_steps": int8, "kv_cache_only_s": kv_only.as_dict(),
+                               "kv_cache_only_ratio": round(peer.median / kv_only.median, 2),
+                               "int8_identical_tokens": (torch.equal(outputs["int8"], outputs["cached"])
+                                                         if int8 else None),
                                "soft_prompt_tokens": int(soft.shape[1]),
                                "prefix_tokens": n_prefix, "weight_bytes": weight_bytes,
                                "weight_gb_per_s_cached": round(streamed, 2), "ratio": "ours tokens/s / peer tokens/s"}))

@@ -430,7 +430,7 @@ def validate(encoder, data: LoopData, cfg: TrainConfig) -> dict:
         result["val_recon"] = float(np.mean(losses))
     n = min(cfg.val_decode, len(data.val_queries))
     if n:  # what --explain would show, tracked through training: the teacher-forced loss alone hid that it was noise
-        decoded = encoder.decode(data.val_queries[:n], max_new_tokens=VAL_DECODE_TOKENS, batch_size=n)
+        decoded = encoder.decode(data.val_queries[:n], max_new_tokens=VAL_DECODE_TOKENS, batch_size=n, int8=False)
         result["val_rouge_l"] = float(np.mean([rouge_l_f1(d, r) for d, r in zip(decoded, data.val_responses[:n])]))
     return result
 

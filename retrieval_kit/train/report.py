@@ -168,7 +168,8 @@ def validation_figures(encoder, queries: list[str], responses: list[str], respon
         figures.update(anchor_cos=cos(anchored), fused_cos=cos(fused), fuse_weight=w, query_mode=encoder.config.query_mode)
     n = min(decode_samples, len(queries))
     if n:
-        decoded = encoder.decode(queries[:n], max_new_tokens=decode_tokens, batch_size=min(batch_size, 16))
+        decoded = encoder.decode(queries[:n], max_new_tokens=decode_tokens, batch_size=min(batch_size, 16),
+                                 int8=False)
         decoded_vecs = encoder.encode_teacher(decoded)
         figures["reconstruction"] = {
             "n": n,
