@@ -549,7 +549,7 @@ class GenerativeEncoder(nn.Module):
         decode those instead of encoding the texts again. ``generate_options``: more arguments for transformers'
         ``generate`` (e.g. ``num_beams``, ``repetition_penalty``; benchmarks/explain_faithfulness.py compares them).
         ``int8``: batches of ≤ 4 on a CPU with bf16 weights take their one-row steps with int8 weights
-        (models/int8_decode.py: 1.7x faster, as faithful); False decodes with the loaded weights only."""
+        (models/int8_decode.py: ~1.8x faster, as faithful); False decodes with the loaded weights only."""
         options = generate_options or {}
         if soft_prompts is None:
             def run(batch):

@@ -1,11 +1,12 @@
 """Int8 weight-only products for the few-row steps of an explanation decode, on a CPU with a bf16 backbone.
 
 A KV-cached decode step at batch 1 multiplies one row by every weight matrix: it reads all the backbone's weights
-from memory once per token and does little arithmetic on them, so bytes set its time (benchmarks/perf: ~10 GB/s
-achieved in bf16 on the 2-core AMD EPYC). An int8 copy of each matrix (one scale per output row) halves those
-bytes, and torch's weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast uses) multiplies a bf16 row
-by it directly. On that box the whole batch-1 decode ran 1.7x faster with the same faithfulness to the backbone's
-real answers (``python -m benchmarks.int8_decode``; figures in benchmarks/results/explain/README.md).
+from memory once per token and does little arithmetic on them, so bytes set its time (profile on the 2-core AMD
+EPYC: matrix products 71% of a bf16 step, ~10 GB/s). An int8 copy of each matrix (one scale per output row)
+halves those bytes, and torch's weight-only kernel (``torch._weight_int8pack_mm``, the one gpt-fast uses)
+multiplies a bf16 row by it directly. On that box the whole batch-1 decode ran 1.74-1.79x faster with the same
+faithfulness to the backbone's real answers (``python -m benchmarks.int8_decode``; figures in
+benchmarks/results/explain/README.md and benchmarks/perf/README.md).
 
 Only products inside ``steps(model)`` on the calling thread, and of at most ``MAX_ROWS`` rows, take the int8 path:
 every encode (outside it; a pass also has more rows, the query's special tokens follow its text), every other
