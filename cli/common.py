@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from retrieval_kit.errors import RkitError
-from retrieval_kit.paths import dtype_setting
+from retrieval_kit.paths import check_device, dtype_setting
 
 # Piped output is not wrapped at 80 columns (rich's default without a terminal): ids and paths must stay whole.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -35,7 +35,8 @@ def guarded(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            dtype_setting()  # a bad RKIT_DTYPE is refused before any command loads a model
+            dtype_setting()  # a bad RKIT_DTYPE or --device is refused before any command loads a model
+            check_device(kwargs.get("device"))
             return func(*args, **kwargs)
         except RkitError as exc:
             fail(str(exc), exc.exit_code)
@@ -68,6 +69,7 @@ def quiet_libraries() -> None:
     # (set by rkit_cli.main) when a model loads, and a command that fails on its input never loads one. Already
     # imported (rkit used as a library, tests), it is told directly.
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # "EOF marker not found" before our own line on a bad PDF
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

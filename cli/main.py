@@ -56,7 +56,7 @@ def index_cmd(
     quiet_libraries()
     if not corpus.exists():
         raise InputError(f"corpus path does not exist: {corpus}")
-    name = check_name(name or corpus.resolve().name or "index")
+    name = check_name(name if name is not None else corpus.resolve().name or "index")  # --name "" is refused
     folder = (index_dir or index_home()) / name
     settings = IndexSettings(backend=backend, factory=factory, qdrant_url=qdrant_url, doc_mode=doc_encoder,
                              query_mode=query_mode, fuse_weight=fuse_weight, chunk_words=chunk_words, overlap=overlap,
@@ -80,19 +80,21 @@ def index_cmd(
         return
     console.print(f"[bold]{report.index}[/] → {folder}  (encoder {report.encoder['fingerprint']})", highlight=False)
     console.print(f"  documents: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-                  f"{report.deleted} deleted · {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s")
+                  f"{report.deleted} deleted · {report.chunks_embedded} chunk{'' if report.chunks_embedded == 1 else 's'} "
+                  f"embedded in {report.seconds:.1f}s")
     console.print(f"  now holds {report.total_documents} documents / {report.total_chunks} chunks; "
                   f"queries default to '{report.encoder['query_mode']}' mode")
     for note in report.notes:
         console.print(f"  note: {note}", highlight=False)
 
 
-def _top_k(k: int) -> int:
+def _in_range(flag: str, value: int, low: int, high: int) -> int:
+    """A numeric flag checked here, so a bad one is our one-line error (typer's min/max draw a usage box)."""
     from retrieval_kit.errors import InputError
 
-    if not 1 <= k <= 1000:
-        raise InputError(f"-k must be from 1 to 1000, got {k}")
-    return k
+    if not low <= value <= high:
+        raise InputError(f"{flag} must be from {low} to {high}, got {value}")
+    return value
 
 
 @app.command("search")
@@ -103,17 +105,18 @@ def search_cmd(
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
     k: int = typer.Option(5, "-k", "--top-k", help="Hits per query (1-1000)."),
     explain: bool = typer.Option(False, "--explain", help="Also decode each query's generative embedding back into text."),
-    explain_tokens: int = typer.Option(48, "--explain-tokens", min=1, max=512),
+    explain_tokens: int = typer.Option(48, "--explain-tokens", help="Tokens to decode for --explain (1-512)."),
     query_mode: Optional[str] = typer.Option(None, "--query-mode",
                                              help="hybrid (BM25 + teacher + fused, convex fusion), bm25, generative, teacher or fused (default: the index's)."),
-    fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight"),
+    fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight",
+                                                help="Fused mode: weight of the generative vector, 0-1 (default: the index's)."),
     signals: Optional[str] = typer.Option(None, "--signals",
                                           help="Hybrid mode: weight per signal, e.g. bm25=1,teacher=1 (default: bm25=1,teacher=1,fused=1)."),
     fusion: Optional[str] = typer.Option(None, "--fusion", help="Hybrid mode: rrf (rank fusion), dbsf (Qdrant's score fusion, equal weights) or convex (weighted min-max scores); default: the recipe's."),
     source_prefix: Optional[str] = typer.Option(None, "--source-prefix", help="Only chunks whose source starts with this, e.g. security/."),
     file_type: Optional[str] = typer.Option(None, "--file-type", help="Only chunks of this file type, e.g. md."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one the index was built with)."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda when present)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable hits + explanation."),
 ):
     """Search an index (read-only: safe while rkit index writes it)."""
@@ -124,7 +127,8 @@ def search_cmd(
     from retrieval_kit.search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever
 
     quiet_libraries()
-    _top_k(k)
+    _in_range("-k", k, 1, 1000)
+    _in_range("--explain-tokens", explain_tokens, 1, 512)
     if file_type is not None and not re.fullmatch(r"\.?[A-Za-z0-9]{1,10}", file_type):
         raise InputError(f"--file-type '{file_type}' is not a file type such as md or pdf")
     where = ChunkFilter(source_prefix or None, file_type or None) or None
@@ -140,10 +144,10 @@ def search_cmd(
             print_json({"index": index, "encoder": info, "results": [r.as_dict() for r in results]})
             return
         for result in results:
-            _print_result(result, info)
+            _print_result(result, info, filtered=where is not None)
 
 
-def _print_result(result, info: dict) -> None:
+def _print_result(result, info: dict, filtered: bool = False) -> None:
     from rich.table import Table
 
     from retrieval_kit.search import snippet
@@ -153,8 +157,11 @@ def _print_result(result, info: dict) -> None:
     if result.told is not None:  # with the faithfulness note and lenses the server shows too (search.explanation)
         _print_explanation(result.told, brief=True)
     if not result.hits:
-        console.print("no hits" + (" (no chunk shares a word with the query)" if result.query_mode == "bm25"
-                                   else " (the index is empty)"))
+        why = ("no chunk matches --source-prefix/--file-type, or none of those shares a word with the query"
+               if filtered and result.query_mode == "bm25" else "no chunk matches --source-prefix/--file-type"
+               if filtered else "no chunk shares a word with the query" if result.query_mode == "bm25"
+               else "the index is empty")
+        console.print(f"no hits ({why})", highlight=False)
         return
     table = Table(show_lines=False)
     table.add_column("#", no_wrap=True)
@@ -203,10 +210,10 @@ def _print_explanation(told: dict, brief: bool = False) -> None:
 def explain_cmd(
     query: list[str] = typer.Argument(..., help="One or more queries."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
-    tokens: int = typer.Option(48, "--tokens", min=1, max=512, help="Tokens to decode."),
+    tokens: int = typer.Option(48, "--tokens", help="Tokens to decode (1-512)."),
     top_k: int = typer.Option(5, "--top-k", min=1, max=50, help="Logit lens: tokens shown per position."),
     answers: int = typer.Option(3, "--answers", min=0, max=50, help="Latent lens: nearest bank answers shown."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda when present)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Read a query's generative embedding back: greedy decode (with how faithful this adapter's decodes are),
@@ -215,6 +222,7 @@ def explain_cmd(
     from retrieval_kit.search import adapter_path, explain_all
 
     quiet_libraries()
+    _in_range("--tokens", tokens, 1, 512)
     queries = [q.strip() for q in query]
     if not all(queries):
         raise InputError("empty query")

@@ -81,6 +81,10 @@ def check_settings(index, index_dir, host, port, token_file, workers, adapter, d
     for origin in cors_origin:
         if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
             raise InputError(f"--cors-origin '{origin}' is not an origin like https://kb.example.com")
+    if device not in (None, "cpu"):  # the models load after the port opens: a missing GPU is refused now
+        from retrieval_kit.models.backbone import pick_device
+
+        pick_device(device)
     _check_port_free(host, port)
     return {"indexes": folders, "token_file": str(token_file) if token_file else None, "adapter": adapter,
             "device": device, "cors_origins": list(cors_origin), "max_batch": max_batch}

@@ -14,7 +14,7 @@ without overwriting each other, and pruning only ever removes documents of the r
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -23,7 +23,7 @@ import numpy as np
 from .corpus import Chunk, Document, chunk_document, embed_text, read_documents
 from .errors import IndexError_, InputError
 from .index import Index
-from .index.core import MANIFEST, check_name, existing_index, remove_index
+from .index.core import MANIFEST, check_name, existing_index, read_manifest, remove_index
 from .index.faiss_backend import SEARCH_PARAMS, check_search_params, default_params, describe_params
 from .search import DEFAULT_MODE, SEARCH_MODES
 from .modes import DOC_MODES
@@ -156,6 +156,9 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
     start = time.perf_counter()
     check_settings(settings)
     check_name(Path(folder).name)
+    kept = None
+    if rebuild:
+        settings, kept = _recorded_settings(Path(folder), settings)
     if settings.search_params is not None and (rebuild or not _exists(folder)):
         # a new index (or the one --rebuild makes) gets this factory: check its knobs before anything is removed
         check_search_params(settings.search_params, settings.factory or DEFAULTS["factory"])
@@ -176,6 +179,8 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
                 index = Index.open(folder, writable=True, wait=wait)  # another run created it meanwhile
                 _check_against_index(index, settings)
         report = IndexReport(index=index.name)
+        if kept:
+            report.notes.append(f"rebuilt with the settings the old index recorded: {kept}")
         _adopt_encoder(index, encoder, adapter, settings)
         recipe = chunk_recipe(encoder, settings.doc_mode, *_chunking(index, settings))
         rechunk = index.manifest.get("chunking") != recipe and index.count_documents() > 0
@@ -262,6 +267,30 @@ def _check_against_index(index: Index, settings: IndexSettings) -> None:
     if stored and stored != settings.doc_mode:
         raise IndexError_(f"{index.label} embeds documents with '{stored}', not '{settings.doc_mode}'; "
                           "use a new --name (or --rebuild) to change it")
+
+
+def _recorded_settings(folder: Path, settings: IndexSettings) -> tuple[IndexSettings, str | None]:
+    """``--rebuild`` empties the folder: the flags left out take what the old index recorded (settings are the
+    index's), where its manifest still reads; a broken one (what --rebuild is the way out of) gives the defaults.
+    Returns the settings and a description of what was carried over (None: nothing)."""
+    try:
+        manifest = read_manifest(folder)
+    except IndexError_:
+        return settings, None
+    chunking, qdrant = manifest.get("chunking") or {}, manifest.get("qdrant") or {}
+    recorded = {"backend": manifest.get("backend"), "factory": manifest.get("factory"), "qdrant_url": qdrant.get("url"),
+                "query_mode": (manifest.get("encoder") or {}).get("query_mode"),
+                "chunk_words": chunking.get("chunk_words"), "overlap": chunking.get("overlap"),
+                "search_params": manifest.get("faiss_params")}
+    if settings.backend not in (None, recorded["backend"]):  # another backend: its own defaults, not the old knobs
+        recorded.update(factory=None, qdrant_url=None, search_params=None)
+    elif settings.factory is not None and recorded["search_params"]:  # another factory: the knobs it takes
+        takes = default_params(settings.factory)
+        recorded["search_params"] = {k: v for k, v in recorded["search_params"].items() if k in takes} or None
+    kept = {name: value for name, value in recorded.items() if value is not None and getattr(settings, name) is None}
+    shown = [f"{name.replace('_', ' ')} {describe_params(value) if name == 'search_params' else value}"
+             for name, value in kept.items()]
+    return replace(settings, **kept), ", ".join(shown) or None
 
 
 def _create(folder: Path, encoder: GenerativeEncoder, adapter: str, settings: IndexSettings, wait) -> Index:

@@ -4,6 +4,7 @@ variables."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -18,6 +19,17 @@ def index_home() -> Path:
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d{1,2})?")
+
+
+def check_device(device: str | None) -> str | None:
+    """``--device``: cpu, cuda, cuda:N or mps. Checked here, without torch, so that a typo is one line before any
+    model loads; whether the machine has that device is models/backbone.pick_device's to say."""
+    from .errors import InputError
+
+    if device is not None and not _DEVICE.fullmatch(device):
+        raise InputError(f"--device '{device}': use cpu, cuda, cuda:N or mps")
+    return device
 
 
 def dtype_setting() -> str:

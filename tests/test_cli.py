@@ -116,6 +116,10 @@ def test_search_filters_by_source_prefix_and_file_type(index_home, corpus):
     out = search_json("backups", "--index", "kb", "-k", "2", "--file-type", "txt", "--query-mode", "bm25")
     assert {h["source"] for h in out["results"][0]["hits"]} == {"operations/database-backups.txt"}  # its chunks
     fails("search", "x", "--index", "kb", "--file-type", "../etc", needle="is not a file type")
+    # a filter nothing matches says so (it used to say "the index is empty")
+    for mode in ("hybrid", "bm25"):
+        out = ok("search", "backups", "--index", "kb", "--source-prefix", "nowhere/", "--query-mode", mode).stdout
+        assert "no chunk matches --source-prefix/--file-type" in out, out
 
 
 def test_generative_and_fused_modes_run(index_home, corpus):
@@ -181,6 +185,12 @@ def test_bad_inputs_are_one_line_errors(index_home, tmp_path, corpus):
     fails("search", "anything", "--index", "nope", needle="nope")
     fails("info", "nope", needle="nope")
     ok("index", corpus, "--name", "kb")
+    fails("info", "nope", needle="indexes in")  # and names the ones that are there
+    for device in ("bogus", "cuda:x", "gpu"):  # refused before any model loads (bm25 would load none)
+        fails("search", "q", "--index", "kb", "--query-mode", "bm25", "--device", device, needle=f"'{device}'")
+    fails("explain", "q", "--device", "bogus", needle="--device")
+    fails("search", "q", "--index", "kb", "--explain-tokens", "0", needle="--explain-tokens must be from 1")
+    fails("explain", "q", "--tokens", "600", needle="--tokens must be from 1")
     fails("search", "   ", "--index", "kb", needle="empty query")
     fails("search", "q", "--index", "kb", "--query-mode", "psychic", needle="psychic")
     fails("index", corpus, "--name", "kb2", "--backend", "elastic", needle="elastic")

@@ -18,7 +18,7 @@ def write(folder, files: dict):
 
 
 def test_name_is_a_name_and_a_users_folder_is_never_touched(index_home, corpus, tmp_path):
-    for bad in ("../..", "../escape", str(tmp_path / "abs"), "a/b", ".hidden"):
+    for bad in ("../..", "../escape", str(tmp_path / "abs"), "a/b", ".hidden", ""):
         fails("index", corpus, "--name", bad, needle="bad index name")
     assert not (tmp_path / "abs").exists() and not (tmp_path / "escape").exists()
     # a folder of the user's where the index would go: refused, and every file of theirs is still there
@@ -151,3 +151,21 @@ def test_every_indexed_chunk_fits_the_teachers_window(index_home, corpus, encode
              for p in chunks]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     assert len(chunks) > 29 and max(lengths) <= cap
+
+
+def test_rebuild_keeps_the_settings_the_index_recorded_unless_flags_say_otherwise(index_home, corpus):
+    """--rebuild used to come back as Flat with the default chunking: README's "flags left out keep what the index
+    records" held for every run but this one."""
+    ok("index", corpus, "--name", "kb", "--factory", "HNSW32", "--search-params", "efSearch=256",
+       "--chunk-words", "50", "--overlap", "10")
+    report = json.loads(ok("index", corpus, "--name", "kb", "--rebuild", "--json").stdout)
+    assert any("rebuilt with the settings the old index recorded" in note and "HNSW32" in note
+               for note in report["notes"]), report["notes"]
+    info = json.loads(ok("info", "kb", "--json").stdout)
+    assert info["factory"] == "HNSW32" and info["faiss_params"]["efSearch"] == 256
+    assert (info["chunking"]["chunk_words"], info["chunking"]["overlap"]) == (50, 10)
+    # a flag given with --rebuild wins over the record; the rest is still kept
+    ok("index", corpus, "--name", "kb", "--rebuild", "--factory", "Flat")
+    info = json.loads(ok("info", "kb", "--json").stdout)
+    assert info["factory"] == "Flat" and info["chunking"]["chunk_words"] == 50
+    assert search_json("how do I rotate the API keys?", "--index", "kb")["results"][0]["hits"][0]["doc_id"] == KEYS_DOC

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -388,6 +389,13 @@ def test_serve_refuses_bad_settings(served, tmp_path):
     assert code == 2 and "--port" in out
     code, out = _serve("--index", "kb", "--index-dir", home, "--cors-origin", "*")
     assert code == 2 and "not an origin" in out
+    # a device that is not one, or that this machine lacks: refused before the port opens (it used to start and
+    # answer /health 503 "failed" until killed)
+    code, out = _serve("--index", "kb", "--index-dir", home, "--device", "bogus")
+    assert code == 2 and "--device 'bogus'" in out and "Traceback" not in out
+    if not torch.cuda.is_available():
+        code, out = _serve("--index", "kb", "--index-dir", home, "--device", "cuda")
+        assert code == 2 and "no CUDA GPU" in out and "Traceback" not in out
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
-from ..paths import dtype_setting, rkit_home
+from ..errors import InputError, ModelError
+from ..paths import check_device, dtype_setting, rkit_home
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
@@ -154,9 +154,17 @@ def resolve_backbone(name: str | None) -> str:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device asked for (InputError in one line when this machine has none such), else cuda when present."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(check_device(device))
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: no Apple MPS device here")
+    return chosen
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
