@@ -162,7 +162,7 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
     if settings.search_params is not None and (rebuild or not _exists(folder)):
         # a new index (or the one --rebuild makes) gets this factory: check its knobs before anything is removed
         check_search_params(settings.search_params, settings.factory or DEFAULTS["factory"])
-    docs, root = _read(corpus, settings.on_error, warn)
+    docs, root, not_indexed = _read(corpus, settings.on_error, warn)
     if rebuild:
         remove_index(folder, wait=wait)
     index = Index.open(folder, writable=True, wait=wait) if _exists(folder) else None
@@ -181,6 +181,8 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
         report = IndexReport(index=index.name)
         if kept:
             report.notes.append(f"rebuilt with the settings the old index recorded: {kept}")
+        if not_indexed:
+            report.notes.append(not_indexed)
         _adopt_encoder(index, encoder, adapter, settings)
         recipe = chunk_recipe(encoder, settings.doc_mode, *_chunking(index, settings))
         rechunk = index.manifest.get("chunking") != recipe and index.count_documents() > 0
@@ -226,20 +228,27 @@ def index_corpus(corpus: str | Path, folder: Path, load_encoder: Callable[[], Ge
 
 
 # -- steps ------------------------------------------------------------------------------------
-def _read(corpus, on_error: str, warn) -> tuple[list[Document], str]:
+def _read(corpus, on_error: str, warn) -> tuple[list[Document], str, str | None]:
+    """(documents, corpus root, a note on the files found but not indexed: empty ones, other types)."""
     import warnings
 
-    from .corpus.readers import CorpusWarning
+    from .corpus.readers import CorpusNotice, CorpusWarning
 
     path = Path(corpus)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorpusWarning)
+        warnings.simplefilter("always", CorpusNotice)
         docs = read_documents(path, on_error=on_error)
+    empty, other = [], []
     for w in caught:
         if issubclass(w.category, CorpusWarning) and warn is not None:
             warn(str(w.message))
+        elif issubclass(w.category, CorpusNotice):
+            (empty if str(w.message).endswith(": empty") else other).append(str(w.message).removesuffix(": empty"))
+    parts = other + ([f"{len(empty)} empty file{'s' if len(empty) > 1 else ''} ({', '.join(empty[:3])}"
+                      f"{', …' if len(empty) > 3 else ''})"] if empty else [])
     # a single file's documents are keyed by its name, a folder's by paths relative to it: the root owns them
-    return docs, str(path.resolve())
+    return docs, str(path.resolve()), ("not indexed: " + "; ".join(parts)) if parts else None
 
 
 def _exists(folder: Path) -> bool:

@@ -124,6 +124,19 @@ def test_skip_bad_files_warns_and_all_bad_files_are_listed_at_once(index_home, t
     assert len(warnings) == 2 and "one.txt" in warnings[0] + warnings[1]
 
 
+def test_files_found_but_not_indexed_are_named_in_a_note(index_home, tmp_path):
+    """Empty files and files of other types used to vanish without a word."""
+    docs = write(tmp_path / "docs", {"good.txt": "a good file", "empty.txt": "", "blank.md": "  \n\n",
+                                     "notes.rst": "not read", "data.csv": "a,b", "more.csv": "c,d"})
+    (docs / "blob.bin").write_bytes(b"\x00\x01")
+    report = json.loads(ok("index", docs, "--name", "kb", "--json").stdout)
+    assert report["added"] == 1
+    (note,) = [n for n in report["notes"] if n.startswith("not indexed:")]
+    assert "4 files of other types (.csv ×2" in note and ".bin ×1" in note and ".rst ×1" in note, note
+    assert "2 empty files (blank.md, empty.txt)" in note, note
+    assert "not indexed: 4 files" in ok("index", docs, "--name", "kb").stdout  # said on every run, as text too
+
+
 def test_cli_output_paper_cuts(index_home, corpus):
     fails("search", "q", "--index", "kb", "-k", "0", needle="-k must be from 1 to 1000")
     assert "no indexes under" in ok("list").stdout

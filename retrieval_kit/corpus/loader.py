@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from ..errors import CorpusError, InputError
 from .document import Chunk, Document, check_chunking, chunk_document
-from .readers import EXTRACTORS, CorpusWarning, read_jsonl
+from .readers import EXTRACTORS, CorpusNotice, CorpusWarning, read_jsonl
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl")
 BEIR_CORPUS = "corpus.jsonl"
@@ -93,18 +93,28 @@ def _find_files(root: Path) -> list[_File]:
         return [_File(root, root.name, str(root), str(root))]
     if (root / BEIR_CORPUS).is_file():  # BEIR folder: queries.jsonl and qrels/ beside it are not documents
         return [_File(root / BEIR_CORPUS, BEIR_CORPUS, BEIR_CORPUS, str(root / BEIR_CORPUS))]
-    found = sorted((p.relative_to(root).as_posix(), p) for p in _walk(root))
+    other: dict[str, int] = {}  # files of types rkit does not read, by suffix: one notice, not one per file
+    found = sorted((p.relative_to(root).as_posix(), p) for p in _walk(root, other))
     if not found:
         raise CorpusError(f"no documents found in {root}: no supported files ({_LOOKED_FOR})")
+    if other:
+        kinds = ", ".join(f"{suffix or 'no suffix'} ×{n}" for suffix, n in sorted(other.items(), key=lambda i: -i[1]))
+        total = sum(other.values())
+        warnings.warn(f"{total} file{'s' if total > 1 else ''} of other types ({kinds})", CorpusNotice, stacklevel=2)
     return [_File(p, rel, rel, str(p)) for rel, p in found]
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, other: dict[str, int]) -> Iterator[Path]:
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .git, .venv, .cache ...
         for name in names:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in SUPPORTED_SUFFIXES:
+            if name.startswith("."):
+                continue
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in SUPPORTED_SUFFIXES:
                 yield Path(folder, name)
+            else:
+                other[suffix] = other.get(suffix, 0) + 1
 
 
 class _Problems:
@@ -151,8 +161,9 @@ def _read_file(f: _File, max_bytes: int, seen: set[str],
         yield from read_jsonl(f.path, f.shown, f.source, max_line_bytes=max_bytes, seen=seen, report=report)
         return
     title, text, encoding = EXTRACTORS[suffix](f.path, f.shown, max_bytes)
-    if not text:
-        return  # an empty file is not an error, just not a document
+    if not text:  # an empty file is not an error, just not a document
+        warnings.warn(f"{f.doc_id}: empty", CorpusNotice, stacklevel=2)
+        return
     if f.doc_id in seen:
         raise CorpusError(f'{f.shown}: duplicate document id "{f.doc_id}"')
     seen.add(f.doc_id)

@@ -25,6 +25,11 @@ class CorpusWarning(UserWarning):
     """A bad file or record skipped under on_error='skip'."""
 
 
+class CorpusNotice(UserWarning):
+    """A file found but not indexed, and not an error: empty, or of a type rkit does not read. The indexer reports
+    them in one note; silently dropping them left users wondering where a file went."""
+
+
 class Extracted(NamedTuple):
     title: str  # "" when the file has none: the caller falls back to the file stem
     text: str
