@@ -5,7 +5,7 @@ An index remembers its encoder (adapter, fingerprints, modes). Opening it loads 
 vectors from another embedding space. The index is opened read-only: searching never writes to it.
 
 Search modes: ``hybrid`` (the default: BM25 + teacher(query) + the adapter's fused query vector, which carries
-the generative embedding, fused by a convex mix of min-max scores, see ``HybridRecipe``), ``bm25`` (lexical
+the generative embedding, fused by DBSF score fusion, see ``HybridRecipe``), ``bm25`` (lexical
 alone), and the encoder's dense modes ``generative``, ``teacher``, ``fused``. This is the one search path: the
 CLI, a server and ``rkit bench`` all call ``Retriever.search``.
 """
@@ -21,7 +21,7 @@ from .errors import IndexError_, InputError
 from .index import ChunkFilter, Hit, Index
 from .index.base import Signal
 from .index.core import check_name
-from .index.fusion import FUSIONS, RRF_K, WEIGHTLESS
+from .index.fusion import FUSIONS, RRF_K
 from .modes import QUERY_MODES
 from .paths import DEFAULT_ADAPTER, index_home
 
@@ -48,13 +48,15 @@ class HybridRecipe:
     vector is noise.
     """
 
-    # the winner of benchmarks/results/tune/hybrid-recipe.md: convex min-max fusion of BM25, teacher and fused,
-    # mean nDCG@10 0.783 over the four tune collections vs teacher 0.762, RRF of the same three 0.756 (rerun with
-    # the "Answer briefly:" adapter shipped 2026-12-07; the two runs with earlier adapters chose the same)
+    # the winner of benchmarks/results/tune/hybrid-recipe.md: DBSF (Qdrant's distribution-based score fusion) of
+    # BM25, teacher and fused, mean nDCG@10 0.7815 over the four tune collections vs teacher 0.762, RRF of the same
+    # three 0.755. Since queries drop question words for BM25 (index/lexical.QUERY_STOPWORDS, 2026-12-07) it leads
+    # the convex min-max fusion of the same three by 0.0001 (a tie: the declared rule picks the best mean); the
+    # three runs before that change chose convex, by 0.002 (0.7829 vs 0.7808 with the same adapter)
     weights: tuple[tuple[str, float], ...] = (("bm25", 1.0), ("teacher", 1.0), ("fused", 1.0))
     rrf_k: int = RRF_K
     depth: int = 100
-    fusion: str = "convex"  # or "rrf" / "dbsf" (Qdrant's own fusions; dbsf takes equal weights only)
+    fusion: str = "dbsf"  # or "rrf" (Qdrant's own fusions, on its server) / "convex"; all three take weights
 
     @classmethod
     def of(cls, weights: dict[str, float], **kw) -> "HybridRecipe":
@@ -63,9 +65,6 @@ class HybridRecipe:
             raise InputError(f"unknown hybrid signal {', '.join(unknown)} (use bm25, {', '.join(QUERY_MODES)})")
         if any(not w >= 0 for w in weights.values()):
             raise InputError(f"hybrid signal weights must be 0 or more, got {weights}")
-        fusion = kw.get("fusion", cls.fusion)
-        if fusion in WEIGHTLESS and len({w for w in weights.values() if w > 0}) > 1:
-            raise InputError(f"--fusion {fusion} fuses scores and takes no weights: give every signal the same weight")
         return cls(tuple((n, float(w)) for n, w in weights.items()), **kw)
 
     @classmethod

@@ -408,7 +408,9 @@ def test_run_benchmark_bm25_only_never_loads_the_encoder(tmp_path):
     assert res["encoder"] is None
     # beir_tiny is made so BM25 ranks a gold document first for every query
     assert res["summary"]["bm25"]["mrr@10"] == 1.0 and res["summary"]["bm25"]["recall@100"] == 1.0
-    assert res["summary"]["bm25"]["ndcg@10"] == pytest.approx(0.9799, abs=1e-4)
+    # and, since queries drop NLTK's stop words (index/lexical.QUERY_STOPWORDS), the whole top 10 ideally (0.9799
+    # with Lucene's 33 on the query side too)
+    assert res["summary"]["bm25"]["ndcg@10"] == pytest.approx(1.0)
     assert set(res["datasets"]["beir_tiny"]["results"]["bm25"]["metrics"]) == set(X.BEIR_METRICS)
 
 

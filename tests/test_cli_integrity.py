@@ -137,6 +137,22 @@ def test_files_found_but_not_indexed_are_named_in_a_note(index_home, tmp_path):
     assert "not indexed: 4 files" in ok("index", docs, "--name", "kb").stdout  # said on every run, as text too
 
 
+def test_a_question_word_alone_finds_nothing_lexically(index_home, tmp_path):
+    """A chunk that shared only "how" with the query ranked second in a hybrid search of a small index: question
+    words and pronouns are query stop words now (index/lexical.QUERY_STOPWORDS)."""
+    docs = write(tmp_path / "docs", {"cooking.txt": "How to bake sourdough bread at home.",
+                                     "keys.md": "Rotate credentials: create a new access key, then revoke the old one.",
+                                     "vpn.md": "The VPN uses WireGuard profiles."})
+    ok("index", docs, "--name", "kb")
+    hits = search_json("how do I change my access credentials?", "--index", "kb", "--query-mode", "bm25")
+    assert [h["doc_id"] for h in hits["results"][0]["hits"]] == ["keys.md"]
+    hybrid = search_json("how do I change my access credentials?", "--index", "kb")["results"][0]["hits"]
+    assert hybrid[0]["doc_id"] == "keys.md"
+    assert all("bm25" not in h["signals"] for h in hybrid if h["doc_id"] != "keys.md"), hybrid
+    out = ok("search", "what is it?", "--index", "kb", "--query-mode", "bm25").stdout  # nothing but stop words
+    assert "no chunk shares a word with the query" in out
+
+
 def test_cli_output_paper_cuts(index_home, corpus):
     fails("search", "q", "--index", "kb", "-k", "0", needle="-k must be from 1 to 1000")
     assert "no indexes under" in ok("list").stdout

@@ -103,13 +103,24 @@ def test_dbsf_matches_qdrant_client_fusion():
              for _ in range(3)] + [[(7, 0.3)]]  # a one-point list scores 0.5 in both
     responses = [[models.ScoredPoint(id=i, version=0, score=s) for i, s in part] for part in lists]
     theirs = distribution_based_score_fusion(responses, limit=10)
-    assert [(int(p.id), pytest.approx(p.score)) for p in theirs] == [(i, pytest.approx(s)) for i, s in dbsf(lists, 10)]
+    assert [(int(p.id), pytest.approx(p.score)) for p in theirs] == [(i, pytest.approx(s)) for i, s in dbsf(lists, limit=10)]
+    # weighted (Qdrant's has no weights): each list's normalised scores times its weight; 0 drops the list
+    bm25, dense = [(1, 3.0), (2, 2.0), (3, 1.0)], [(3, 0.9), (4, 0.5)]
+    equal, halved = dict(dbsf([bm25, dense])), dict(dbsf([bm25, dense], [1, 0.5]))
+    assert halved[1] == pytest.approx(equal[1]) and halved[4] == pytest.approx(equal[4] / 2)
+    assert halved[3] == pytest.approx(dict(dbsf([bm25]))[3] + dict(dbsf([dense]))[3] / 2)
+    assert dict(dbsf([bm25, dense], [1, 0])) == pytest.approx(dict(dbsf([bm25])))
 
 
 def test_dbsf_fusion_same_on_faiss_and_qdrant(planted, encoder):
     from retrieval_kit.search import HybridRecipe
 
-    recipe = HybridRecipe.parse("bm25,teacher", fusion="dbsf")
+    for recipe in (HybridRecipe.parse("bm25,teacher", fusion="dbsf"),  # on Qdrant's server
+                   HybridRecipe.parse("bm25=1,teacher=0.5", fusion="dbsf")):  # weighted: ours on both
+        _same_top_on_both(planted, encoder, recipe)
+
+
+def _same_top_on_both(planted, encoder, recipe):
     tops = {}
     for backend, folder in planted.items():
         with Retriever.attach(folder, encoder) as r:
@@ -245,8 +256,7 @@ def test_cli_bm25_mode_json_and_bad_mode(planted, monkeypatch, tmp_path):
                       ("bm25=-1", "must be 0 or more"), ("bm25=0", "no signal with a weight above 0")):
         r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), "--signals", bad])
         assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (bad, r.output)
-    for args, said in ((["--fusion", "mean"], "unknown --fusion 'mean'"),
-                       (["--fusion", "dbsf", "--signals", "bm25=1,teacher=2"], "takes no weights")):
+    for args, said in ((["--fusion", "mean"], "unknown --fusion 'mean'"),):
         r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), *args])
         assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (args, r.output)
     r = CliRunner().invoke(app, ["search", "ERR-7731Q deploy", "--index", str(planted["faiss"]), "--signals",

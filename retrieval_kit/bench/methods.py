@@ -36,7 +36,7 @@ from .progress import note, stage
 
 METHODS = ("bm25", "teacher", "hyde", "rkit", "fused", "hybrid", "default")
 MATRIX_METHODS = ("bm25", "teacher", "hyde", "rkit", "fused")  # hybrid/default exist on the product path only
-EXTRA_METHODS = ("hydeq", "anchor", "naive-rrf", "naive-convex", "hybrid-dbsf")
+EXTRA_METHODS = ("hydeq", "anchor", "naive-rrf", "naive-convex", "hybrid-convex")
 PATHS = ("product", "matrix")
 DOC_ENCODERS = ("teacher", "generative")
 BM25_PARAMS = {"k1": BM25_K1, "b": BM25_B}

@@ -16,7 +16,8 @@ scores as its best chunk (max-pooling), so every figure is what a user gets. The
     naive-rrf   plain RRF of bm25 and teacher (k=60, equal weights) on the same index: the naive hybrid
     naive-convex  the other naive hybrid: 0.5·minmax(bm25) + 0.5·minmax(teacher) of each signal's top chunks
                 (--fusion convex, equal weights) on the same index; ``--path matrix`` keeps the whole-document twin
-    hybrid-dbsf the default signals fused by DBSF (Qdrant's score fusion, equal weights): an option, not the default
+    hybrid-convex the default signals fused by the convex min-max combination (equal weights): the default until
+                2026-12-07, an option since
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .metrics import Run
 from .progress import counter, note, stage
 
 MODES = {"bm25": "bm25", "teacher": "teacher", "rkit": "generative", "fused": "fused", "hybrid": "hybrid",
-         "naive-rrf": "hybrid", "naive-convex": "hybrid", "hybrid-dbsf": "hybrid"}
+         "naive-rrf": "hybrid", "naive-convex": "hybrid", "hybrid-convex": "hybrid"}
 NAIVE_RRF = {"bm25": 1.0, "teacher": 1.0}
 VECTOR_METHODS = ("hyde", "hydeq", "anchor")
 INDEX_ONLY = ("default",) + tuple(m for m, mode in MODES.items()  # no --path matrix twin
@@ -90,8 +91,8 @@ class ProductRunner(MethodRunner):
 
         if method in ("naive-rrf", "naive-convex"):
             hybrid = HybridRecipe.of(NAIVE_RRF, fusion="rrf" if method == "naive-rrf" else "convex")
-        if method == "hybrid-dbsf":
-            hybrid = HybridRecipe.of({n: 1.0 for n, w in self.hybrid.weights if w > 0}, fusion="dbsf")
+        if method == "hybrid-convex":
+            hybrid = HybridRecipe.of({n: 1.0 for n, w in self.hybrid.weights if w > 0}, fusion="convex")
         # a mode search encodes its queries afresh; a vector method's inputs may all come from the cache
         self.computed = method not in VECTOR_METHODS
         retriever = self.retriever()

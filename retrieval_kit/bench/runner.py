@@ -191,6 +191,7 @@ def _hybrid_config(cfg: MethodConfig) -> dict:
 
 
 def _bm25_config() -> dict:
+    from ..index.lexical import QUERY_STOPWORDS
     from .methods import BM25_PARAMS
 
-    return {**BM25_PARAMS, "stemmer": "snowball-english", "stopwords": "en"}
+    return {**BM25_PARAMS, "stemmer": "snowball-english", "stopwords": "en", "query_stopwords": QUERY_STOPWORDS}

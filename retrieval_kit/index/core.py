@@ -46,7 +46,7 @@ from ..errors import IndexError_, IndexMismatchError, InputError
 from .base import QDRANT_DIR, ChunkFilter, Hit, Signal, VectorBackend, one_line
 from .faiss_backend import FILENAME as FAISS_FILE
 from .faiss_backend import FaissBackend, default_params, new_faiss_index
-from .fusion import FUSIONS, RRF_K, WEIGHTLESS, convex, dbsf, rrf
+from .fusion import FUSIONS, RRF_K, convex, dbsf, rrf
 from .lexical import BM25_B, BM25_K1, LEXICAL_DIR, Bm25Side, analyse, average_length, chunk_text, query_terms
 from .lock import WriterLock
 from .store import DocStore, normalise_chunks, row_checksum
@@ -331,8 +331,6 @@ class Index:
             raise InputError(f"{self.label}: k must be at least 1, got {k}")
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion '{fusion}' (use {' or '.join(FUSIONS)})")
-        if fusion in WEIGHTLESS and len({s.weight for s in signals}) > 1:
-            raise InputError(f"{fusion} fuses scores and takes no weights: give every signal the same weight")
         self._check_open()
         self._ensure_synced()
         nq = len(signals[0].texts) if signals[0].lexical else len(signals[0].vectors)
@@ -348,7 +346,8 @@ class Index:
         if len(signals) == 1:
             scores, rows = self._search_one(signals[0], asked, allowed)
             lists = [rows]
-        elif qdrant and fusion != "convex":  # fused on the server, one Query API request per query
+        elif qdrant and (fusion == "rrf" or fusion == "dbsf" and all(s.weight == 1 for s in signals)):
+            # fused on the server, one Query API request per query (its DBSF takes no weights: weighted, it is ours)
             scores, rows, lists = self.backend.hybrid(signals, asked, depth, rrf_k, fusion, allowed)
         else:
             parts = [self._search_one(s, depth, allowed) for s in signals]
@@ -875,7 +874,7 @@ def _fuse(parts: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: i
             fused = rrf([r.tolist() for _, r in found], weights, rrf_k, limit=k)
         else:
             pairs = [list(zip(r.tolist(), s.astype(float).tolist())) for s, r in found]
-            fused = dbsf(pairs, limit=k) if fusion == "dbsf" else convex(pairs, weights, limit=k)
+            fused = (dbsf if fusion == "dbsf" else convex)(pairs, weights, limit=k)
         for j, (row, score) in enumerate(fused):
             scores[i, j], rows[i, j] = score, row
     return scores, rows

@@ -7,7 +7,9 @@ formula and the same tie order (first seen, signals in order), so both give the 
 same data. k = 60 is Cormack et al.'s constant (SIGIR 2009), used unchanged.
 
 ``dbsf`` is Qdrant's other fusion, Distribution-Based Score Fusion: each list's scores are scaled by its own
-mean ± 3 standard deviations (sample variance), then summed; it fuses scores, not ranks, and takes no weights.
+mean ± 3 standard deviations (sample variance), then summed; it fuses scores, not ranks. Qdrant's takes no
+weights; this one multiplies each list by its weight (all 1: Qdrant's exactly), so ``--signals bm25=1,teacher=0.5``
+works with the default fusion too, and a Qdrant index fuses such a search here instead of on the server.
 
 ``convex`` is the weighted convex combination of min-max normalised scores (Bruch, Gai & Ingber, "An Analysis
 of Fusion Functions for Hybrid Retrieval", TOIS 2023, found it ahead of RRF in and out of domain): each list's
@@ -21,7 +23,6 @@ from typing import Sequence
 
 RRF_K = 60
 FUSIONS = ("rrf", "dbsf", "convex")
-WEIGHTLESS = ("dbsf",)  # fusions that take no per-signal weight
 
 
 def rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = RRF_K,
@@ -39,18 +40,23 @@ def rrf(rankings: Sequence[Sequence[int]], weights: Sequence[float], k: int = RR
     return fused if limit is None else fused[:limit]
 
 
-def dbsf(lists: Sequence[Sequence[tuple[int, float]]], limit: int | None = None) -> list[tuple[int, float]]:
-    """(id, fused score) best first, from each signal's (id, score) pairs best first (Qdrant's DBSF)."""
+def dbsf(lists: Sequence[Sequence[tuple[int, float]]], weights: Sequence[float] | None = None,
+         limit: int | None = None) -> list[tuple[int, float]]:
+    """(id, fused score) best first, from each signal's (id, score) pairs best first: Qdrant's DBSF, each list
+    times its weight (None: all 1; a weight ≤ 0 drops the list)."""
+    weights = [1.0] * len(lists) if weights is None else weights
+    if len(lists) != len(weights):
+        raise ValueError("one weight per list")
     fused: dict[int, float] = {}
-    for pairs in lists:
-        if not pairs:
+    for pairs, weight in zip(lists, weights):
+        if weight <= 0 or not pairs:
             continue
         scores = [s for _, s in pairs]
         mean = sum(scores) / len(scores)
         var = sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) if len(scores) > 1 else 0.0
         low, span = mean - 3 * var ** 0.5, 6 * var ** 0.5
         for item, score in pairs:
-            fused[item] = fused.get(item, 0.0) + ((score - low) / span if span > 0 else 0.5)
+            fused[item] = fused.get(item, 0.0) + weight * ((score - low) / span if span > 0 else 0.5)
     ranked = sorted(fused.items(), key=lambda pair: -pair[1])
     return ranked if limit is None else ranked[:limit]
 

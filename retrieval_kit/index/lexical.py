@@ -1,7 +1,8 @@
 """The lexical (BM25) side of an index: what finds the rare identifier a dense vector blurs away.
 
 One analyser for every backend and for queries: bm25s's tokenizer (lower case, words of 2+ word characters,
-English stop words removed) with Snowball English stemming (PyStemmer). One scoring: BM25 with Lucene's
+English stop words removed: Lucene's 33 from documents, NLTK's 179 from queries, QUERY_STOPWORDS) with Snowball
+English stemming (PyStemmer). One scoring: BM25 with Lucene's
 idf, ln(1 + (N - df + 0.5)/(df + 0.5)), and tf/(tf + k1·(1 - b + b·dl/avgdl)), k1=0.9 and b=0.4 (the
 Pyserini/BRIGHT defaults). Both backends compute exactly this:
 
@@ -42,13 +43,21 @@ def _stemmer():
     return Stemmer.Stemmer("english").stemWords
 
 
-def analyse(texts: Sequence[str]) -> list[list[str]]:
+# Queries drop NLTK's English stop words (bm25s "en_plus", 179 words), documents only Lucene's 33 ("en"). The
+# extra words are question words and pronouns ("how", "do", "my", "what", "which") that queries are full of and
+# that no document is about; in a small index their idf is high, so a chunk sharing only "how" with the query
+# ranked second in a hybrid search (new-user walkthrough, 2026-12-07). Query side only: documents are analysed
+# as before, so an index built earlier needs nothing.
+QUERY_STOPWORDS = "en_plus"
+
+
+def analyse(texts: Sequence[str], stopwords: str = "en") -> list[list[str]]:
     """Each text as its BM25 terms (stemmed, stop words removed, in order, repeats kept)."""
     import bm25s
 
     if not texts:
         return []
-    return bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(), return_ids=False,
+    return bm25s.tokenize(list(texts), stopwords=stopwords, stemmer=_stemmer(), return_ids=False,
                           show_progress=False)
 
 
@@ -59,7 +68,7 @@ def chunk_text(chunk: dict) -> str:
 
 def query_terms(queries: Sequence[str]) -> list[list[str]]:
     """Each query's distinct terms: a repeated query word counts once (as in Qdrant's sparse query)."""
-    return [list(dict.fromkeys(t)) for t in analyse(queries)]
+    return [list(dict.fromkeys(t)) for t in analyse(queries, QUERY_STOPWORDS)]
 
 
 def term_id(term: str) -> int:

@@ -87,12 +87,12 @@ class SearchOptions(BaseModel):
     filters: Filters | None = None
     signals: dict[SignalName, Annotated[float, Field(gt=0, le=100)]] | None = Field(
         None, min_length=1, description=f"hybrid mode: weight per signal (default {DEFAULT_HYBRID.spec()})")
-    fusion: Fusion | None = Field(None, description=f"hybrid mode: how the signals' lists are fused: rrf, dbsf (equal "
-                                                    f"weights) or convex (default {DEFAULT_HYBRID.fusion})")
+    fusion: Fusion | None = Field(None, description=f"hybrid mode: how the signals' lists are fused: rrf, dbsf or "
+                                                    f"convex (default {DEFAULT_HYBRID.fusion})")
 
     @model_validator(mode="after")
     def _recipe_is_valid(self):
-        try:  # HybridRecipe's own checks (e.g. dbsf takes no weights), as a 422 before the request is queued
+        try:  # HybridRecipe's own checks, as a 422 before the request is queued
             self.recipe()
         except InputError as exc:
             raise ValueError(str(exc)) from None
