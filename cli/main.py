@@ -157,10 +157,12 @@ def _print_result(result, info: dict, filtered: bool = False) -> None:
     if result.told is not None:  # with the faithfulness note and lenses the server shows too (search.explanation)
         _print_explanation(result.told, brief=True)
     if not result.hits:
-        why = ("no chunk matches --source-prefix/--file-type, or none of those shares a word with the query"
-               if filtered and result.query_mode == "bm25" else "no chunk matches --source-prefix/--file-type"
-               if filtered else "no chunk shares a word with the query" if result.query_mode == "bm25"
-               else "the index is empty")
+        lexical = result.query_mode == "bm25"
+        if filtered:
+            why = "no chunk matches --source-prefix/--file-type" + (
+                ", or none of those shares a word with the query" if lexical else "")
+        else:
+            why = "no chunk shares a word with the query" if lexical else "the index is empty"
         console.print(f"no hits ({why})", highlight=False)
         return
     table = Table(show_lines=False)

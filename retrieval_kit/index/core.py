@@ -315,8 +315,9 @@ class Index:
 
         Each signal ranks its best ``depth`` chunks (at least k). FAISS fuses here; Qdrant on the server
         (Query API prefetch + RRF/DBSF), with the same formula; convex and weighted DBSF, which the Query API
-        lacks, are fused here for every backend from each signal's own list. A hit's ``signals`` gives its rank in each list
-        that found it; with a single signal its score is that signal's own (cosine or BM25), else the fused one.
+        lacks, are fused here for every backend from each signal's own list. A hit's ``signals`` gives its rank
+        in each list that found it; with a single signal its score is that signal's own (cosine or BM25), else
+        the fused one.
         ``where`` keeps only matching chunks, inside each engine's search (FAISS IDSelector, a mask on the
         BM25 scores, a Qdrant id filter), so a filtered search still returns k hits when k match.
         """
