@@ -182,7 +182,8 @@ def _print_explanation(told: dict, brief: bool = False) -> None:
     """An explanation (search.explanation): the decode with its faithfulness note, then the lenses."""
     from rich.markup import escape
 
-    console.print(f"[italic]explanation:[/] {escape(told['text']) or '∅'} [dim]({escape(told['note'])})[/]", highlight=False)
+    text = escape(told["text"]) or "∅" if told.get("shown") else "[dim]not shown[/]"  # --json keeps the text
+    console.print(f"[italic]explanation:[/] {text} [dim]({escape(told['note'])})[/]", highlight=False)
     lens = told.get("lens") or {}
     if lens.get("words"):
         words = ", ".join(f"{escape(w)} {p:.2f}" for w, p in lens["words"])

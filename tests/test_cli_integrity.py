@@ -198,3 +198,16 @@ def test_rebuild_keeps_the_settings_the_index_recorded_unless_flags_say_otherwis
     info = json.loads(ok("info", "kb", "--json").stdout)
     assert info["factory"] == "Flat" and info["chunking"]["chunk_words"] == 50
     assert search_json("how do I rotate the API keys?", "--index", "kb")["results"][0]["hits"][0]["doc_id"] == KEYS_DOC
+
+
+def test_an_unfaithful_decode_is_not_printed(capsys):
+    """The CLI printed the decode of a 2-step adapter (ROUGE-L 0.00) beside the note saying it is not shown; --json
+    and the server already honoured ``shown``."""
+    from rkit_cli.main import _print_explanation
+
+    note = "this adapter's decodes are not yet faithful: held-out ROUGE-L 0.00"
+    _print_explanation({"text": "n...n.n.n noise", "shown": False, "note": note, "lens": {}})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not shown" in out and "not yet faithful" in out and "noise" not in out, out
+    _print_explanation({"text": "The API keys are rotated", "shown": True, "note": "held-out ROUGE-L 0.27", "lens": {}})
+    assert "The API keys are rotated" in capsys.readouterr().out

@@ -286,6 +286,30 @@ def test_health_is_503_until_models_load(served):
         assert response.json()["error"]["message"] == "models are loading"
 
 
+# -- an index folder moved away under the server -----------------------------------------------------------------
+def test_a_moved_index_is_reported_once_and_served_from_its_last_generation(served, client, caplog):
+    """The watcher polls every refresh_s; it used to log a full traceback on each poll (~80 in 20 s)."""
+    folder = served["folders"]["kb"]
+    moved = folder.with_name("kb-moved")
+    with caplog.at_level("WARNING", logger="rkit.serve"):
+        folder.rename(moved)
+        try:
+            deadline = time.monotonic() + 10
+            while served["searcher"].served["kb"].error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(20 * served["searcher"].refresh_s)  # twenty more polls
+            assert served["searcher"].served["kb"].error is not None
+            assert _search(client, query=PLANTED_QUERY, k=1, index="kb")["hits"][0]["doc_id"] == PLANTED
+        finally:
+            moved.rename(folder)
+        deadline = time.monotonic() + 10
+        while served["searcher"].served["kb"].error is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    records = [r.getMessage() for r in caplog.records if r.name == "rkit.serve"]
+    assert len([m for m in records if "refresh failed" in m or "kb:" in m and "again" not in m]) == 1, records
+    assert any("refreshing again" in m for m in records), records
+
+
 # -- a writer updates the index while the server serves ----------------------------------------------------------
 @pytest.mark.parametrize("index", ["kb", "kbq"])
 def test_a_writers_update_is_picked_up_live(served, client, encoder, index):

@@ -234,15 +234,22 @@ class Searcher:
         worker never stalls on it and every batch reads one complete snapshot."""
         while not self._stop.wait(self.refresh_s):
             for served in self.served.values():
+                # an error is logged when it starts or changes, not on every poll (4 a second: a moved index
+                # folder wrote ~80 tracebacks in 20 s); /indexes shows it meanwhile
                 try:
                     self._prepare(served)
+                    if served.error is not None:
+                        log.warning("%s: refreshing again (was: %s)", served.name, served.error)
                     served.error = None
                 except RkitError as exc:
+                    if str(exc) != served.error:
+                        log.warning("%s: %s", served.name, exc)
                     served.error = str(exc)
-                    log.warning("%s: %s", served.name, exc)
                 except Exception as exc:  # an index folder replaced under us: report it, keep serving the rest
-                    served.error = f"{type(exc).__name__}: {exc}"
-                    log.exception("%s: refresh failed", served.name)
+                    error = f"{type(exc).__name__}: {exc}"
+                    if error != served.error:
+                        log.exception("%s: refresh failed", served.name)
+                    served.error = error
 
     def _prepare(self, served: Served) -> None:
         newest = committed_generation(served.folder)
