@@ -276,7 +276,13 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     out = tmp_path / "out"
+    mine = tmp_path / "notes"  # a user's folder: the run would have replaced its README.md and config.json
+    mine.mkdir()
+    (mine / "README.md").write_text("my precious notes")
+    (mine / "config.json").write_text('{"x": 1}')
     cases = [
+        (["--queries", pool["queries"], "--out", mine], "folder of other files"),
+        (["--queries", pool["queries"], "--out", blocker], "is a file"),
         (["--queries", empty, "--out", out], "empty"),
         (["--queries", broken, "--out", out], "broken.jsonl:2: invalid JSON"),
         (["--queries", textless, "--out", out], "textless.jsonl:1: record has no text"),
@@ -293,6 +299,8 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
         assert code != 0, args
         assert len(lines) == 1 and expected in lines[0], (args, lines)
         assert "Traceback" not in lines[0]
+    assert (mine / "README.md").read_text() == "my precious notes" and sorted(p.name for p in mine.iterdir()) == [
+        "README.md", "config.json"]
 
 
 def test_max_minutes_ends_the_loop_and_still_writes_a_whole_adapter(cli, pool, tmp_path):

@@ -231,8 +231,20 @@ def stage_refit(encoder, data: LoopData, cfg: TrainConfig, state, out: Path, pro
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
+# What makes a folder an rkit run's own: a trained adapter's weights, a checkpoint, the training log
+RUN_FILES = ("adapter.safetensors", "checkpoint", "training_log.jsonl")
+
+
 def _prepare_out(out: Path, resume: bool) -> Path:
-    """Fail early, in one line, when the adapter folder cannot be written (before any model is loaded)."""
+    """Fail early, in one line, when the adapter folder cannot be written (before any model is loaded), or holds
+    files that are not an rkit run's: the run writes README.md, config.json … there, and would silently replace a
+    user's own (as indexes, rkit never writes into a folder it did not make). An earlier run's folder is reused."""
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and \
+            not any((out / name).exists() for name in RUN_FILES):
+        raise TrainError(f"--out {out} is a folder of other files, not an rkit adapter: its README.md or "
+                         "config.json would be overwritten; choose a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".rkit-write-test-{os.getpid()}"  # per process: torchrun ranks probe at once
