@@ -275,6 +275,7 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
     textless.write_text('{"_id": "1", "title": "no text here"}\n')
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    blocker.with_suffix(".tsv").write_text("1\t1410\t1\n")  # qrels, say: not queries
     out = tmp_path / "out"
     mine = tmp_path / "notes"  # a user's folder: the run would have replaced its README.md and config.json
     mine.mkdir()
@@ -287,6 +288,8 @@ def test_cli_bad_inputs_fail_in_one_line(cli, tmp_path, pool):
         (["--queries", broken, "--out", out], "broken.jsonl:2: invalid JSON"),
         (["--queries", textless, "--out", out], "textless.jsonl:1: record has no text"),
         (["--queries", tmp_path / "missing.jsonl", "--out", out], "not found"),
+        (["--queries", blocker.with_suffix(".tsv"), "--out", out], "neither JSON lines"),
+        (["--queries", tmp_path, "--out", out], "is a folder"),
         (["--queries", pool["queries"], "--out", blocker / "sub"], "not writable"),
         (["--queries", pool["queries"], "--out", out, "--align-loss", "l1"], "unknown --align-loss"),
         (["--queries", pool["queries"], "--out", out, "--val-size", 1, "--backbone", "no-such-org/no-such-model"], "cannot load backbone"),

@@ -35,14 +35,24 @@ class QuerySplit:
                 "train": len(self.train), "val": len(self.val)}
 
 
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_SUFFIXES = (".txt",)
+
+
 def read_queries(path: str | Path, limit: int | None = None) -> list[str]:
     """Texts of the first `limit` records (all when None), in file order, duplicates kept."""
     path = Path(path)
+    if path.is_dir():
+        raise TrainError(f"--queries {path} is a folder: give a .jsonl file (one JSON object per line) or a .txt file")
     if not path.is_file():
         raise TrainError(f"query file not found: {path}")
     if limit is not None and limit < 1:
         raise TrainError(f"--limit must be positive, got {limit}")
-    is_jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    suffix = path.suffix.lower()
+    if suffix not in JSONL_SUFFIXES + TEXT_SUFFIXES:  # a .tsv of qrels trained as "1\t1410\t1" queries before
+        raise TrainError(f"--queries {path}: a '{suffix or 'suffix-less'}' file is neither JSON lines "
+                         f"({', '.join(JSONL_SUFFIXES)}) nor one query per line ({', '.join(TEXT_SUFFIXES)})")
+    is_jsonl = suffix in JSONL_SUFFIXES
     texts: list[str] = []
     try:
         with path.open(encoding="utf-8") as fh:
