@@ -273,6 +273,23 @@ def test_search_explain_and_read_the_planted_document(server, driver):
     _no_js_errors(driver)
 
 
+def test_a_search_is_in_the_address_and_a_shared_link_runs_it(server, driver):
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+
+    _open(driver, server)
+    _search(driver, QUERY, explain=False)
+    assert driver.current_url.endswith("/?q=" + quote(QUERY, safe="")), driver.current_url
+    driver.get(server + "/?q=" + quote(QUERY, safe=""))  # what a colleague opens
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#hits .hit"), timeout=60,
+          message="a /?q= link did not search")
+    first = driver.find_elements(By.CSS_SELECTOR, "#hits .hit")[0]
+    assert first.get_attribute("data-chunk-id").startswith(PLANTED + "#")
+    assert driver.find_element(By.ID, "q").get_attribute("value") == QUERY
+    _no_js_errors(driver)
+
+
 def test_keyboard_moves_between_hits_and_opens_one(server, driver):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -135,6 +135,8 @@ function renderHit(hit, terms) {
 async function search(query) {
   const seq = ++state.seq;
   state.query = query;
+  // the address names the search, so it can be shared or reloaded (/?q=…; read back at start-up)
+  history.replaceState(null, "", `${location.pathname}?q=${encodeURIComponent(query)}`);
   const explain = $("explain").checked;
   const index = $("index").value || null;
   const body = { query, k: Number($("k").value), index, query_mode: $("mode").value || null, explain: false, filters: null };
@@ -342,5 +344,11 @@ document.addEventListener("DOMContentLoaded", () => {
     search(query);
   });
   q.focus();
-  waitReady();
+  waitReady().then(() => {  // a shared link: /?q=… searches as soon as the models are ready
+    const asked = (new URLSearchParams(location.search).get("q") || "").trim();
+    if (asked && !$("go").disabled && state.indexes.length) {
+      q.value = asked;
+      search(asked);
+    }
+  });
 });
