@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +50,14 @@ def test_query_modes(encoder):
 
 
 def test_save_load_round_trip_identical(encoder, tmp_path):
-    encoder.save(tmp_path / "ad")
+    old_mask = os.umask(0o022)
+    try:
+        encoder.save(tmp_path / "ad")
+    finally:
+        os.umask(old_mask)
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "config.json"]
+    # readable by a service account serving it (safetensors alone writes 0600)
+    assert stat.S_IMODE((tmp_path / "ad" / "adapter.safetensors").stat().st_mode) == 0o644
     again = load_adapter(tmp_path / "ad", device="cpu")
     assert again.fingerprint == encoder.fingerprint
     np.testing.assert_array_equal(again.encode(QUERIES), encoder.encode(QUERIES))

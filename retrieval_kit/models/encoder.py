@@ -21,6 +21,7 @@ import copy
 import hashlib
 import inspect
 import json
+import shutil
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -595,6 +596,9 @@ class GenerativeEncoder(nn.Module):
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter_state().items()}
             save_file(state, str(folder / WEIGHTS_NAME))
             (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            # safetensors writes 0600 whatever the umask: a service account serving another user's adapter could
+            # not read it. The weights take the mode the umask gave the config beside them (0644 under 022)
+            shutil.copymode(folder / CONFIG_NAME, folder / WEIGHTS_NAME)
         except OSError as exc:
             raise ModelError(f"cannot write adapter to {folder}: {exc.strerror or exc}") from exc
         return folder

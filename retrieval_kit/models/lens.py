@@ -13,6 +13,7 @@ One extra backbone pass over the queries (the decode that comes with an explanat
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,6 +66,7 @@ def save_answer_bank(folder: str | Path, queries: Sequence[str], answers: Sequen
         for i in keep:
             f.write(json.dumps({"query": queries[i], "answer": " ".join(answers[i].split())[:BANK_CHARS]},
                                ensure_ascii=False) + "\n")
+    shutil.copymode(folder / BANK_TEXTS, folder / BANK_VECTORS)  # safetensors' 0600: the umask's mode instead
     return len(keep)
 
 
