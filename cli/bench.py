@@ -28,8 +28,9 @@ bench_app = typer.Typer(
 
 # ---- options shared by every command ------------------------------------------------------------
 Methods = Annotated[Optional[str], typer.Option("--methods", help="Comma list: bm25, teacher, hyde, rkit, fused, hybrid, "
-                                                                 "default (extra: hydeq, anchor); default: all "
-                                                                 "but the extras (matrix path: no hybrid/default).")]
+                                                                 "default (extra: hydeq, anchor, naive-rrf, naive-convex, "
+                                                                 "hybrid-convex); default: all but the extras (matrix "
+                                                                 "path: no hybrid/default).")]
 SearchPath = Annotated[str, typer.Option("--path", help="product: index the corpus with rkit index and search it as rkit "
                                                         "search does (default); matrix: the fast whole-document "
                                                         "numpy ranking (no hybrid/default).")]
@@ -111,8 +112,8 @@ def _run(bench: str, datasets, label: str, *, methods: str, as_json: bool, out: 
     progress.ENABLED = not quiet
     progress.silence_library_bars()
     outcome = run_benchmark(
-        bench, datasets, bench_methods.parse_methods(methods or ",".join(
-            bench_methods.METHODS if path == "product" else bench_methods.MATRIX_METHODS)),
+        bench, datasets, bench_methods.parse_methods(methods if methods is not None else ",".join(
+            bench_methods.METHODS if path == "product" else bench_methods.MATRIX_METHODS)),  # "": refused
         cfg=_config(doc_encoder, fuse_weight, hyde_tokens, batch_size, top_k, hyde_system_prompt, path, backend),
         encoder_loader=_encoder_loader(adapter, device), cache_root=cache_dir or default_cache_root(),
         label=label, limit=limit, explain=explain, explain_tokens=explain_tokens, adapter=adapter,

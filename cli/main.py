@@ -135,6 +135,8 @@ def search_cmd(
     if query_mode is not None and query_mode not in SEARCH_MODES:
         raise InputError(f"unknown --query-mode '{query_mode}' (use {', '.join(SEARCH_MODES)})")
     # checked before any model loads
+    if (signals is not None or fusion is not None) and query_mode not in (None, "hybrid"):  # else silently ignored
+        raise InputError(f"--signals and --fusion apply to --query-mode hybrid, not {query_mode}")
     hybrid = HybridRecipe.parse(signals if signals is not None else DEFAULT_HYBRID.spec(), fusion)
     with Retriever.open(index, adapter=adapter, device=device, index_dir=index_dir, decoding=explain) as retriever:
         results = retriever.search(query, k=k, query_mode=query_mode, fuse_weight=fuse_weight,

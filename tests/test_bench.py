@@ -517,6 +517,8 @@ def test_cli_bad_options(fake, tmp_path):
     assert r.exit_code == 2 and "unknown method nope" in r.output
     r = _invoke(["beir", str(BEIR_TINY), "--doc-encoder", "bert", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown --doc-encoder 'bert'" in r.output
+    r = _invoke(["beir", str(BEIR_TINY), "--methods", "", "--out", str(tmp_path)])  # it used to run them all
+    assert r.exit_code == 2 and "unknown method (none)" in r.output
 
 
 # ---- MTEB ---------------------------------------------------------------------------------------

@@ -256,7 +256,8 @@ def test_cli_bm25_mode_json_and_bad_mode(planted, monkeypatch, tmp_path):
                       ("bm25=-1", "must be 0 or more"), ("bm25=0", "no signal with a weight above 0")):
         r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), "--signals", bad])
         assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (bad, r.output)
-    for args, said in ((["--fusion", "mean"], "unknown --fusion 'mean'"),):
+    for args, said in ((["--fusion", "mean"], "unknown --fusion 'mean'"),
+                       (["--query-mode", "bm25", "--signals", "bm25=1"], "apply to --query-mode hybrid, not bm25")):
         r = CliRunner().invoke(app, ["search", "x", "--index", str(planted["faiss"]), *args])
         assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (args, r.output)
     r = CliRunner().invoke(app, ["search", "ERR-7731Q deploy", "--index", str(planted["faiss"]), "--signals",

@@ -86,8 +86,8 @@ class SearchOptions(BaseModel):
     explain_tokens: int = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
     filters: Filters | None = None
     signals: dict[SignalName, Annotated[float, Field(gt=0, le=100)]] | None = Field(
-        None, min_length=1, description=f"hybrid mode: weight per signal (default {DEFAULT_HYBRID.spec()})")
-    fusion: Fusion | None = Field(None, description=f"hybrid mode: how the signals' lists are fused: rrf, dbsf or "
+        None, min_length=1, description=f"hybrid mode only: weight per signal (default {DEFAULT_HYBRID.spec()})")
+    fusion: Fusion | None = Field(None, description=f"hybrid mode only: how the signals' lists are fused: rrf, dbsf or "
                                                     f"convex (default {DEFAULT_HYBRID.fusion})")
 
     @model_validator(mode="after")
@@ -99,6 +99,8 @@ class SearchOptions(BaseModel):
         return self
 
     def recipe(self) -> HybridRecipe:
+        if (self.signals or self.fusion) and self.query_mode not in (None, "hybrid"):  # else silently ignored
+            raise InputError(f"signals and fusion apply to hybrid mode, not {self.query_mode}")
         if not self.signals and not self.fusion:
             return DEFAULT_HYBRID
         return HybridRecipe.of(self.signals or dict(DEFAULT_HYBRID.weights), fusion=self.fusion or DEFAULT_HYBRID.fusion)
