@@ -219,6 +219,13 @@ def test_bad_search_bodies_get_4xx_json(client, body, status):
     assert error["status"] == status and error["message"] and "Traceback" not in error["message"]
 
 
+def test_a_blank_query_is_called_blank(client):
+    """It used to answer with the regular expression the query failed."""
+    for path, body in (("/search", {"query": " \t "}), ("/search/batch", {"queries": ["ok", "  "]})):
+        message = client.post(path, json=body).json()["error"]["message"]
+        assert "is blank" in message and "pattern" not in message, message
+
+
 @pytest.mark.parametrize("raw,status", [(b"{not json", 422), (b'{"query": "\\ud800"}', 422),
                                         (b"\xff\xfe\x00garbage", 422), (b'{"query": "' + b"a" * 70000 + b'"}', 413)])
 def test_raw_bodies(client, raw, status):

@@ -425,7 +425,8 @@ def _validation_message(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             return "the body is not valid JSON"
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        blank = err.get("type") == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == QUERY_PATTERN
+        parts.append(f"{where}: {'is blank (only white space)' if blank else err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
 
 
