@@ -176,7 +176,7 @@ def _print_result(result, info: dict, filtered: bool = False) -> None:
     for rank, hit in enumerate(result.hits, 1):
         found = " ".join(f"{name}:{r}" for name, r in hit.signals.items())
         table.add_row(str(rank), f"{hit.score:.3f}", f"{hit.source}#{hit.chunk_id.rsplit('#', 1)[-1]}",
-                      found, snippet(hit.text, 160))
+                      found, snippet(hit.text, 160, query=result.query))
     console.print(table)
 
 

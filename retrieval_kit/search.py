@@ -115,18 +115,39 @@ class SearchResult:
     def as_dict(self) -> dict:
         return {"query": self.query, "query_mode": self.query_mode, "query_encoder": self.query_encoder,
                 "explanation": self.told, "explained_vector": self.explained_mode,
-                "timings": self.timings, "hits": [hit_dict(h) for h in self.hits]}
+                "timings": self.timings, "hits": [hit_dict(h, self.query) for h in self.hits]}
 
 
-def hit_dict(hit: Hit) -> dict:
+def hit_dict(hit: Hit, query: str | None = None) -> dict:
     data = asdict(hit)
-    data["snippet"] = snippet(hit.text)
+    data["snippet"] = snippet(hit.text, query=query)
     return data
 
 
-def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+def snippet(text: str, limit: int = SNIPPET_CHARS, query: str | None = None) -> str:
+    """The chunk's text cut to ``limit`` characters at a word; with ``query``, a window around the first place a
+    query word occurs when that lies past the plain cut (a chunk that BM25 found for one word late in it showed a
+    snippet without that word)."""
     text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    at = _first_match(text, query) if query else -1
+    if at + 40 > limit:  # the word would not show in the plain cut: start a quarter of the window before it
+        start = text.rfind(" ", 0, max(at - limit // 4, 0)) + 1
+        text = "…" + text[start:]
     return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def _first_match(text: str, query: str) -> int:
+    """Where a query word (3+ letters, not a stop word; its stem-ish prefix, so "credential" finds "credentials")
+    first occurs in ``text``, -1 for nowhere."""
+    import re
+
+    from .index.lexical import query_stopwords
+
+    words = {w for w in re.findall(r"\w{3,}", query.lower()) if w not in query_stopwords()}
+    found = [m.start() for w in words if (m := re.search(r"\b" + re.escape(w[: max(4, len(w) - 2)]), text, re.I))]
+    return min(found, default=-1)
 
 
 def index_folder(name_or_path: str | Path, index_dir: str | Path | None = None) -> Path:

@@ -211,3 +211,17 @@ def test_an_unfaithful_decode_is_not_printed(capsys):
     assert "not shown" in out and "not yet faithful" in out and "noise" not in out, out
     _print_explanation({"text": "The API keys are rotated", "shown": True, "note": "held-out ROUGE-L 0.27", "lens": {}})
     assert "The API keys are rotated" in capsys.readouterr().out
+
+
+def test_a_snippet_shows_the_query_word_a_long_chunk_was_found_by():
+    """A chunk BM25 ranked first for a word late in it showed a snippet cut off before that word."""
+    from retrieval_kit.search import SNIPPET_CHARS, snippet
+
+    text = "Intro words here. " * 40 + "Rotate credentials with ZQXWALKTWO, then revoke the old key. " + "Tail. " * 40
+    plain = snippet(text)
+    assert "ZQXWALKTWO" not in plain and plain.startswith("Intro")
+    shown = snippet(text, query="how do I rotate my ZQXWALKTWO credential?")
+    assert "ZQXWALKTWO" in shown and "credentials" in shown and shown.startswith("…") and shown.endswith("…")
+    assert len(shown) <= SNIPPET_CHARS
+    # a word the plain cut already shows, or none at all (stop words only): the plain cut
+    assert snippet(text, query="intro") == plain == snippet(text, query="what is it")

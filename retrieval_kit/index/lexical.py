@@ -51,6 +51,14 @@ def _stemmer():
 QUERY_STOPWORDS = "en_plus"
 
 
+@lru_cache(maxsize=1)
+def query_stopwords() -> frozenset[str]:
+    """The words QUERY_STOPWORDS names (search snippets skip them too when they look for the query's words)."""
+    from bm25s.stopwords import STOPWORDS_EN_PLUS
+
+    return frozenset(STOPWORDS_EN_PLUS)
+
+
 def analyse(texts: Sequence[str], stopwords: str = "en") -> list[list[str]]:
     """Each text as its BM25 terms (stemmed, stop words removed, in order, repeats kept)."""
     import bm25s

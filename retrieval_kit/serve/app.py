@@ -397,7 +397,7 @@ def _summary(served) -> IndexSummary:
 def _response(result: SearchResult, took_ms: float, index: str) -> SearchResponse:
     hits = []
     for rank, hit in enumerate(result.hits, 1):
-        data = hit_dict(hit)
+        data = hit_dict(hit, result.query)
         data.pop("text")
         score = data["score"]
         hits.append(HitOut(rank=rank, **{**data, "score": score if math.isfinite(score) else 0.0}))
