@@ -67,7 +67,7 @@ def train(
     refit_head: Optional[bool] = typer.Option(None, "--refit-head/--no-refit-head", help="Refit the linear head in closed form on the trained features after the loop (default: as --ridge-init)."),
     anchor: bool = typer.Option(True, "--anchor/--no-anchor", help="Fit a query anchor after training (fused queries use it; see the README)."),
     val_size: int = typer.Option(200, "--val-size", min=0, help="Held-out validation queries."),
-    tune_size: int = typer.Option(256, "--tune-size", min=0, help="Queries kept out of training to choose λ, the fused weight and the query mode."),
+    tune_size: int = typer.Option(256, "--tune-size", min=0, help="Queries kept out of training to choose λ, the fused weight and the query mode (at most a tenth of the training pool; the model card says how many)."),
     val_every: int = typer.Option(200, "--val-every", min=1, help="Validate every N steps."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Checkpoint every N steps."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N queries of the file."),
