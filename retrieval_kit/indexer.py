@@ -232,7 +232,7 @@ def _read(corpus, on_error: str, warn) -> tuple[list[Document], str, str | None]
     """(documents, corpus root, a note on the files found but not indexed: empty ones, other types)."""
     import warnings
 
-    from .corpus.readers import CorpusNotice, CorpusWarning
+    from .corpus.readers import CorpusNotice, CorpusWarning, EmptyFileNotice
 
     path = Path(corpus)
     with warnings.catch_warnings(record=True) as caught:
@@ -244,7 +244,7 @@ def _read(corpus, on_error: str, warn) -> tuple[list[Document], str, str | None]
         if issubclass(w.category, CorpusWarning) and warn is not None:
             warn(str(w.message))
         elif issubclass(w.category, CorpusNotice):
-            (empty if str(w.message).endswith(": empty") else other).append(str(w.message).removesuffix(": empty"))
+            (empty if issubclass(w.category, EmptyFileNotice) else other).append(str(w.message))
     parts = other + ([f"{len(empty)} empty file{'s' if len(empty) > 1 else ''} ({', '.join(empty[:3])}"
                       f"{', …' if len(empty) > 3 else ''})"] if empty else [])
     # a single file's documents are keyed by its name, a folder's by paths relative to it: the root owns them

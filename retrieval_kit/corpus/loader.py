@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from ..errors import CorpusError, InputError
 from .document import Chunk, Document, check_chunking, chunk_document
-from .readers import EXTRACTORS, CorpusNotice, CorpusWarning, read_jsonl
+from .readers import EXTRACTORS, CorpusNotice, CorpusWarning, EmptyFileNotice, read_jsonl
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl")
 BEIR_CORPUS = "corpus.jsonl"
@@ -162,7 +162,7 @@ def _read_file(f: _File, max_bytes: int, seen: set[str],
         return
     title, text, encoding = EXTRACTORS[suffix](f.path, f.shown, max_bytes)
     if not text:  # an empty file is not an error, just not a document
-        warnings.warn(f"{f.doc_id}: empty", CorpusNotice, stacklevel=2)
+        warnings.warn(f.doc_id, EmptyFileNotice, stacklevel=2)
         return
     if f.doc_id in seen:
         raise CorpusError(f'{f.shown}: duplicate document id "{f.doc_id}"')

@@ -30,6 +30,10 @@ class CorpusNotice(UserWarning):
     them in one note; silently dropping them left users wondering where a file went."""
 
 
+class EmptyFileNotice(CorpusNotice):
+    """An empty file (no text once read); the message is its document id."""
+
+
 class Extracted(NamedTuple):
     title: str  # "" when the file has none: the caller falls back to the file stem
     text: str
