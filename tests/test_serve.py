@@ -318,6 +318,23 @@ def test_a_moved_index_is_reported_once_and_served_from_its_last_generation(serv
     assert any("refreshing again" in m for m in records), records
 
 
+def test_a_refresh_error_that_changes_while_failing_logs_each_new_error_once_at_info(caplog):
+    """A moved folder's SQLite fails one way, then another (CI saw 'disk I/O error' then 'unable to open
+    database file'); flapping between two errors must not log on every poll either."""
+    from retrieval_kit.errors import InputError
+    from retrieval_kit.serve.searcher import Served
+
+    served = Served("kb", Path("kb"))
+    with caplog.at_level("INFO", logger="rkit.serve"):
+        for exc in [OSError("disk I/O error"), OSError("unable to open"), OSError("disk I/O error"),
+                    OSError("unable to open"), InputError("rebuilt with another encoder")]:
+            Searcher._failed(served, exc)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "rkit.serve"]
+    assert logged == [("ERROR", "kb: refresh failed"), ("INFO", "kb: still failing, now: OSError: unable to open"),
+                      ("INFO", "kb: still failing, now: rebuilt with another encoder")]
+    assert caplog.records[0].exc_info is not None and served.error == "rebuilt with another encoder"
+
+
 # -- a writer updates the index while the server serves ----------------------------------------------------------
 @pytest.mark.parametrize("index", ["kb", "kbq"])
 def test_a_writers_update_is_picked_up_live(served, client, encoder, index):

@@ -63,6 +63,7 @@ class Served:
     retriever: Retriever | None = None  # owned by the worker thread
     pending: Retriever | None = None  # a newer generation, ready to swap in (set by the watcher thread)
     error: str | None = None  # the last refresh failed (index removed, rebuilt with another encoder…)
+    errors_seen: set[str] = field(default_factory=set)  # every error of this failing spell, logged once each
     waiting_since: float | None = None  # a new generation seen while its writer still runs
 
 
@@ -234,22 +235,31 @@ class Searcher:
         worker never stalls on it and every batch reads one complete snapshot."""
         while not self._stop.wait(self.refresh_s):
             for served in self.served.values():
-                # an error is logged when it starts or changes, not on every poll (4 a second: a moved index
-                # folder wrote ~80 tracebacks in 20 s); /indexes shows it meanwhile
                 try:
                     self._prepare(served)
+                except Exception as exc:  # an index folder moved or replaced under us: report it, keep serving
+                    self._failed(served, exc)
+                else:
                     if served.error is not None:
                         log.warning("%s: refreshing again (was: %s)", served.name, served.error)
                     served.error = None
-                except RkitError as exc:
-                    if str(exc) != served.error:
-                        log.warning("%s: %s", served.name, exc)
-                    served.error = str(exc)
-                except Exception as exc:  # an index folder replaced under us: report it, keep serving the rest
-                    error = f"{type(exc).__name__}: {exc}"
-                    if error != served.error:
-                        log.exception("%s: refresh failed", served.name)
-                    served.error = error
+                    served.errors_seen.clear()
+
+    @staticmethod
+    def _failed(served: Served, exc: Exception) -> None:
+        """Log a refresh error when the index starts failing, not on every poll (4 a second: a moved index
+        folder wrote ~80 tracebacks in 20 s). A moved folder can fail one way then another (SQLite's
+        'disk I/O error', then 'unable to open database file'): later errors of the same spell log at info,
+        each once; /indexes shows the current one meanwhile."""
+        ours = isinstance(exc, RkitError)  # our one-line errors need no traceback
+        error = str(exc) if ours else f"{type(exc).__name__}: {exc}"
+        if served.error is None:
+            log.log(logging.WARNING if ours else logging.ERROR, "%s: %s", served.name,
+                    error if ours else "refresh failed", exc_info=not ours)
+        elif error not in served.errors_seen:
+            log.info("%s: still failing, now: %s", served.name, error)
+        served.errors_seen.add(error)
+        served.error = error
 
     def _prepare(self, served: Served) -> None:
         newest = committed_generation(served.folder)
