@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from retrieval_kit.errors import RkitError
 from retrieval_kit.paths import check_device, dtype_setting
@@ -48,6 +49,33 @@ def guarded(func: Callable) -> Callable:
             fail(f"{exc.__class__.__name__}: {exc}")
 
     return wrapper
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The top-level command: a bad flag, a missing argument or an unknown command is one ``error:`` line like
+    every other error (typer draws a four-line usage box), pointing at the command's --help."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:  # typer 0.2x parses with a click of its own (the lock pins it); older ones with click itself
+            from typer._click.exceptions import ClickException, NoArgsIsHelpError
+        except ImportError:
+            from click.exceptions import ClickException, NoArgsIsHelpError
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # a typer.Exit comes back as its code
+        except NoArgsIsHelpError as exc:  # `rkit` or `rkit bench` alone: the help, as before
+            typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            code = exc.exit_code
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            try:
+                fail(exc.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), exc.exit_code)
+            except typer.Exit as failed:
+                code = failed.exit_code
+        except typer.Abort:
+            code = 130
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def print_json(obj: Any) -> None:

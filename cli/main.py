@@ -13,9 +13,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loa
 
 import typer  # noqa: E402
 
-from .common import console, guarded, print_json, quiet_libraries, warn  # noqa: E402
+from .common import OneLineUsageErrors, console, guarded, print_json, quiet_libraries, warn  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rkit: retrieval with generative query embeddings.")
 
 
@@ -88,24 +88,15 @@ def index_cmd(
         console.print(f"  note: {note}", highlight=False)
 
 
-def _in_range(flag: str, value: int, low: int, high: int) -> int:
-    """A numeric flag checked here, so a bad one is our one-line error (typer's min/max draw a usage box)."""
-    from retrieval_kit.errors import InputError
-
-    if not low <= value <= high:
-        raise InputError(f"{flag} must be from {low} to {high}, got {value}")
-    return value
-
-
 @app.command("search")
 @guarded
 def search_cmd(
     query: list[str] = typer.Argument(..., help="One or more queries."),
     index: str = typer.Option(..., "--index", "-i", help="Index name (under the index home) or a path such as ./kb."),
     index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Index home (default ./indexes or $RKIT_INDEX_HOME)."),
-    k: int = typer.Option(5, "-k", "--top-k", help="Hits per query (1-1000)."),
+    k: int = typer.Option(5, "-k", "--top-k", min=1, max=1000, help="Hits per query."),
     explain: bool = typer.Option(False, "--explain", help="Also decode each query's generative embedding back into text."),
-    explain_tokens: int = typer.Option(48, "--explain-tokens", help="Tokens to decode for --explain (1-512)."),
+    explain_tokens: int = typer.Option(48, "--explain-tokens", min=1, max=512, help="Tokens to decode for --explain."),
     query_mode: Optional[str] = typer.Option(None, "--query-mode",
                                              help="hybrid (BM25 + teacher + fused, DBSF score fusion), bm25, generative, teacher or fused (default: the index's)."),
     fuse_weight: Optional[float] = typer.Option(None, "--fuse-weight",
@@ -127,8 +118,6 @@ def search_cmd(
     from retrieval_kit.search import DEFAULT_HYBRID, SEARCH_MODES, HybridRecipe, Retriever
 
     quiet_libraries()
-    _in_range("-k", k, 1, 1000)
-    _in_range("--explain-tokens", explain_tokens, 1, 512)
     if file_type is not None and not re.fullmatch(r"\.?[A-Za-z0-9]{1,10}", file_type):
         raise InputError(f"--file-type '{file_type}' is not a file type such as md or pdf")
     where = ChunkFilter(source_prefix or None, file_type or None) or None
@@ -215,7 +204,7 @@ def _print_explanation(told: dict, brief: bool = False) -> None:
 def explain_cmd(
     query: list[str] = typer.Argument(..., help="One or more queries."),
     adapter: Optional[str] = typer.Option(None, help="Adapter folder (default: the one shipped with rkit)."),
-    tokens: int = typer.Option(48, "--tokens", help="Tokens to decode (1-512)."),
+    tokens: int = typer.Option(48, "--tokens", min=1, max=512, help="Tokens to decode."),
     top_k: int = typer.Option(5, "--top-k", min=1, max=50, help="Logit lens: tokens shown per position."),
     answers: int = typer.Option(3, "--answers", min=0, max=50, help="Latent lens: nearest bank answers shown."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda when present)."),
@@ -227,7 +216,6 @@ def explain_cmd(
     from retrieval_kit.search import adapter_path, explain_all
 
     quiet_libraries()
-    _in_range("--tokens", tokens, 1, 512)
     queries = [q.strip() for q in query]
     if not all(queries):
         raise InputError("empty query")
@@ -327,6 +315,8 @@ from .train import train as train_cmd  # noqa: E402
 app.command("train")(train_cmd)
 app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb; perf (the performance suite, from a source checkout).")
+
+
 
 if __name__ == "__main__":
     app()

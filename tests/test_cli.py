@@ -41,7 +41,7 @@ def reuse_loaded_models(encoder, monkeypatch):
 
 
 def rkit(*args: str):
-    return RUNNER.invoke(app, [str(a) for a in args])
+    return RUNNER.invoke(app, [str(a) for a in args], prog_name="rkit")
 
 
 def ok(*args: str):
@@ -189,8 +189,8 @@ def test_bad_inputs_are_one_line_errors(index_home, tmp_path, corpus):
     for device in ("bogus", "cuda:x", "gpu"):  # refused before any model loads (bm25 would load none)
         fails("search", "q", "--index", "kb", "--query-mode", "bm25", "--device", device, needle=f"'{device}'")
     fails("explain", "q", "--device", "bogus", needle="--device")
-    fails("search", "q", "--index", "kb", "--explain-tokens", "0", needle="--explain-tokens must be from 1")
-    fails("explain", "q", "--tokens", "600", needle="--tokens must be from 1")
+    fails("search", "q", "--index", "kb", "--explain-tokens", "0", needle="Invalid value for '--explain-tokens'")
+    fails("explain", "q", "--tokens", "600", needle="Invalid value for '--tokens'")
     fails("search", "   ", "--index", "kb", needle="empty query")
     fails("search", "q", "--index", "kb", "--query-mode", "psychic", needle="psychic")
     fails("index", corpus, "--name", "kb2", "--backend", "elastic", needle="elastic")
@@ -239,3 +239,18 @@ def test_console_script_runs_offline(tmp_path):
     assert result.returncode == 0 and "search" in result.stdout and "index" in result.stdout
     result = subprocess.run([str(exe), "info", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "error:" in result.stderr
+    result = subprocess.run([str(exe), "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: Invalid value for '--steps': Input should be greater than or equal to 1 (see rkit train --help)"]
+
+
+def test_usage_errors_are_one_line_naming_the_command(tmp_path):
+    """typer drew a four-line box for a bad flag; rkit's own errors are one line: now both are."""
+    fails("search", needle="Missing argument 'query'. (see rkit search --help)")
+    fails("search", "q", "--index", "kb", "--bogus", needle="No such option: --bogus")
+    fails("bench", "beir", str(tmp_path), "--limit", "0", needle="(see rkit bench beir --help)")
+    fails("explain", "q", "--answers", "-1", needle="Invalid value for '--answers'")
+    fails("serach", "q", needle="No such command 'serach'")
+    for alone in ([], ["bench"]):  # a group alone still shows its help
+        result = rkit(*alone)
+        assert result.exit_code == 2 and "Usage: rkit" in result.output and "error:" not in result.output

@@ -90,7 +90,7 @@ def test_list_indexes(tmp_path):
     (tmp_path / "broken" / "manifest.json").write_text("{nope")
     found = {i["name"]: i for i in list_indexes(tmp_path)}
     assert found["a"]["backend"] == "faiss" and found["b"]["backend"] == "qdrant"
-    assert found["a"]["encoder"] == ENCODER["fingerprint"][:12] and found["a"]["chunks"] == 0
+    assert found["a"]["encoder"] == ENCODER["fingerprint"] and found["a"]["chunks"] == 0
     assert "error" in found["broken"]
     assert list_indexes(tmp_path / "missing") == []
 

@@ -156,11 +156,12 @@ def test_ids_and_paths_never_reach_the_file_system(client, path):
     assert response.json()["error"]["status"] == 404
 
 
-def test_indexes_health_metrics_and_schema(client):
+def test_indexes_health_metrics_and_schema(served, client):
     listing = client.get("/indexes").json()
     assert listing["default"] == "kb" and listing["auth"] is False and "hybrid" in listing["query_modes"]
     kb = {i["name"]: i for i in listing["indexes"]}["kb"]
     assert kb["documents"] == 21 and kb["chunks"] >= 21 and kb["backend"] == "faiss" and kb["default_query_mode"] == "hybrid"
+    assert len(kb["encoder"]) == 16 and kb["encoder"] == served["searcher"].served["kb"].retriever.index.manifest["encoder"]["fingerprint"]
     assert client.get("/health").json() == {"status": "ready", "indexes": ["kb", "kbq"]}
     _search(client, query="zephyrine", k=1, query_mode="bm25")
     assert client.post("/search", content=b'{"query": "' + b"a" * 70000 + b'"}').status_code == 413
@@ -168,10 +169,16 @@ def test_indexes_health_metrics_and_schema(client):
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert 'rkit_requests_total{method="POST",path="/search",status="200"}' in metrics.text
     assert 'rkit_request_seconds_bucket{le="0.005",path="/search"}' in metrics.text
-    # the body limit answers before any route matches: counted too, under no route's name
-    assert 'rkit_requests_total{method="POST",path="unmatched",status="413"}' in metrics.text
+    # the body limit answers before the router: counted under the route it was meant for
+    assert 'rkit_requests_total{method="POST",path="/search",status="413"}' in metrics.text
     assert 'rkit_index_generation{index="kb"}' in metrics.text
     schema = client.get("/openapi.json").json()
+    assert client.get("/documents/nope").status_code == 404 and client.get("/nowhere").status_code == 404
+    assert client.get("/search").status_code == 405
+    metrics = client.get("/metrics").text
+    for label in ('path="/openapi.json",status="200"', 'path="/documents/{chunk_id:path}",status="404"',
+                  'path="unmatched",status="404"', 'method="GET",path="/search",status="405"'):
+        assert label in metrics, label
     assert {"/search", "/search/batch", "/explain", "/documents/{chunk_id}", "/indexes", "/health",
             "/metrics"} <= set(schema["paths"])
     page = client.get("/")

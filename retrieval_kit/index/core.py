@@ -746,7 +746,7 @@ def list_indexes(home) -> list[dict]:
             "name": m["name"], "folder": str(folder), "backend": m["backend"],
             "factory": m.get("factory"), "qdrant_url": (m.get("qdrant") or {}).get("url"), "dim": m["dim"],
             "documents": (m.get("counts") or {}).get("documents"), "chunks": (m.get("counts") or {}).get("chunks"),
-            "encoder": str(enc.get("fingerprint") or "")[:12], "backbone": enc.get("backbone"),
+            "encoder": str(enc.get("fingerprint") or ""), "backbone": enc.get("backbone"),
             "adapter": enc.get("adapter"), "updated": m.get("updated"), "size_bytes": _folder_size(folder),
         })
     return found

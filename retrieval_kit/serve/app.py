@@ -30,6 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from ..errors import IndexError_, IndexLockedError, IndexMismatchError, InputError, RkitError
 from ..index import ChunkFilter
@@ -189,6 +190,7 @@ class IndexSummary(BaseModel):
     generation: int
     default_query_mode: str
     trained: bool
+    encoder: str = ""  # the fingerprint `rkit info` and `rkit list` show: which adapter built the index
     updated: str | None = None
     error: str | None = None
 
@@ -244,7 +246,8 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None, *, load: b
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
-    app.add_middleware(_Count, metrics=metrics)  # added last, so outermost: it counts the body limit's 413s too
+    app.add_middleware(_Count, metrics=metrics, routes=app.router.routes)  # added last, so outermost: it counts
+    # the body limit's 413s too
     bearer = HTTPBearer(auto_error=False)
 
     # the guards are async (they never block): FastAPI runs a plain ``def`` dependency on its thread pool, two
@@ -390,7 +393,8 @@ def _summary(served) -> IndexSummary:
     return IndexSummary(name=served.name, documents=index.count_documents(), chunks=index.count_chunks(),
                         backend=manifest["backend"], generation=index.generation,
                         default_query_mode=served.retriever.default_query_mode(),
-                        trained=bool(served.retriever.encoder.config.trained), updated=manifest.get("updated"),
+                        trained=bool(served.retriever.encoder.config.trained),
+                        encoder=str((manifest.get("encoder") or {}).get("fingerprint") or ""), updated=manifest.get("updated"),
                         error=served.error)
 
 
@@ -446,8 +450,8 @@ class _Count:
     """Request counts and latencies by route, as plain ASGI middleware (Starlette's ``@app.middleware("http")``
     runs every request through extra tasks and memory streams, a cost paid per request under load)."""
 
-    def __init__(self, app, metrics: _Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: _Metrics, routes: list):
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -463,9 +467,18 @@ class _Count:
         try:
             await self.app(scope, receive, sending)
         finally:
-            path = getattr(scope.get("route"), "path", "unmatched")  # the router sets it on the shared scope
+            path = self._route(scope)
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
+    def _route(self, scope) -> str:
+        """The route's template (``/documents/{chunk_id:path}``: one label per route, not per id). FastAPI's router
+        sets it on the shared scope; a request answered before routing (the body limit's 413), by a plain
+        Starlette route (``/openapi.json``) or with a 405 is matched here; no path matched (a 404) is ``unmatched``."""
+        if "route" in scope:
+            return scope["route"].path
+        return next((r.path for r in self.routes if r.matches(scope)[0] != Match.NONE), "unmatched")
 
 
 class _BodyLimit:
