@@ -68,6 +68,65 @@ def test_float32_weights_are_left_alone():
     assert not hasattr(layer, "int8_weights")
 
 
+class _Block(nn.Module):
+    """An attention's q/k/v and an MLP's gate/up by their Llama names, and a bias-free output head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(576, 576), nn.Linear(576, 192), nn.Linear(576, 192)
+        self.gate_proj, self.up_proj = nn.Linear(576, 1536, bias=False), nn.Linear(576, 1536, bias=False)
+        self.lm_head = nn.Linear(576, 4096, bias=False)
+        self.to(torch.bfloat16).requires_grad_(False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def _alone(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's product with its own int8 rows (what it computed before siblings shared one matrix)."""
+    wq, scale = layer.int8_weights
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), wq.contiguous(), scale.contiguous())
+    return y.reshape(*x.shape[:-1], -1) + (0 if layer.bias is None else layer.bias)
+
+
+def test_siblings_share_one_product_only_for_the_same_input_and_give_the_same_numbers():
+    block, x, other = _Block(), torch.randn(1, 1, 576, dtype=torch.bfloat16), torch.randn(1, 1, 576, dtype=torch.bfloat16)
+    with int8_decode.steps(block):
+        assert block.k_proj.int8_group[0] is block.q_proj.int8_group[0]  # one int8 matrix for q, k and v
+        calls = []
+        real = torch._weight_int8pack_mm
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+            q, k, v = block.q_proj(x), block.k_proj(x), block.v_proj(x)
+            gate, up = block.gate_proj(x), block.up_proj(x)
+            assert calls == [960, 3072]  # two kernels where there were five
+            k_other = block.k_proj(other)  # another input: its own rows, not q's leftovers
+            assert calls[-1] == 192
+        for got, layer in ((q, block.q_proj), (k, block.k_proj), (v, block.v_proj), (gate, block.gate_proj),
+                           (up, block.up_proj)):
+            assert got.is_contiguous() and torch.equal(got, _alone(layer, x))
+        assert torch.equal(k_other, _alone(block.k_proj, other))
+
+
+def test_the_head_shortlists_in_four_bits_and_picks_with_the_bf16_weights():
+    block = _Block()
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
+    full = F.linear(x, block.lm_head.weight)
+    with int8_decode.steps(block):
+        assert not hasattr(block.lm_head, "int8_weights")  # 4 bits, not 8
+        ours = block.lm_head(x)
+        rows4 = torch.randn(2, 4, 576, dtype=torch.bfloat16)
+        assert torch.equal(block.lm_head(rows4), F.linear(rows4, block.lm_head.weight))  # > 4 rows: bf16
+    assert torch.equal(block.lm_head(x), full)  # outside: bf16, bit for bit
+    pick = int(ours.argmax())
+    assert pick == int(full.argmax())  # the pick is the bf16 head's …
+    assert ours[0, 0, pick] == torch.einsum("k,k->", x[0, 0], block.lm_head.weight[pick])  # … scored in bf16
+    assert not torch.equal(ours, full)  # the rest: the 4-bit scores (the path really changed)
+    rel = ((ours - full).float().norm() / full.float().norm()).item()
+    assert rel < 0.15, rel
+
+
 @pytest.fixture(scope="module")
 def bf16_encoder():
     with pytest.MonkeyPatch.context() as mp:

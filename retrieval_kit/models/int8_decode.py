@@ -13,6 +13,21 @@ every encode (outside it; a pass also has more rows, the query's special tokens 
 thread using the same model (the server encodes while it explains) and every larger product (a decode's prefix, a
 batch of 16) run the bf16 weights unchanged, bit for bit. Above 4 rows the kernel is slower than bf16 (1536x576 at
 16 rows: 226 vs 129 us), which is where the line is drawn.
+
+Sibling products that read the same input (an attention's q/k/v, an MLP's gate/up) share one int8 matrix, so a
+step runs 4 kernels per layer instead of 7: at one row a kernel's fixed cost is a large part of it (SmolLM2-135M's
+gate and up: 41.7 us each, both at once 52.0 us; q, k, v: 19.7 + 8.4 + 8.4 us, at once 33.2 us; 2-core AMD EPYC).
+The first sibling computes all of them and hands the others their part when they are called with the same input
+tensor; called otherwise (another order, another input), each computes its own rows. Rows are quantised one by
+one either way, so the products are the same numbers. Measured in the decode: 2.5% faster, the same tokens.
+
+The output head is the largest matrix (SmolLM2-135M: 49,152 x 576, a fifth of the weights) and its product only
+has to pick the next token. It scores every token with a 4-bit copy (groups of 64, ``torch._weight_int4pack_mm_
+for_cpu``: 0.76 ms a row against 1.99 ms in int8) and then scores its best ``SHORTLIST`` again with the bf16 weights,
+exactly, so the greedy pick is the bf16 head's whenever that token is in the shortlist, the retrieval pattern of a
+cheap pass and an exact rerank. The other logits stay approximate (~9% error in 4 bits, against int8's ~1%), which
+only a sampled or beam decode would read. In the decode: ~4% faster, and closer to the bf16 decode than the int8
+head (mean ROUGE-L to it over 8 queries: 0.94 against 0.88).
 """
 
 from __future__ import annotations
@@ -26,8 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 4
+SHORTLIST = 16  # head rows scored again in bf16
+HEAD_GROUP = 64  # input features per 4-bit scale and zero point
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama/Qwen2/Mistral/Gemma names
 _LOCK = threading.Lock()
-_THREAD = threading.local()  # .on: this thread is inside steps()
+_THREAD = threading.local()  # .on: this thread is inside steps(); .shared: the last group product, by group
 
 
 def available(model: nn.Module) -> bool:
@@ -45,7 +63,7 @@ def steps(model: nn.Module):
     try:
         yield ready
     finally:
-        _THREAD.on = before
+        _THREAD.on, _THREAD.shared = before, None
 
 
 def prepare(model: nn.Module) -> bool:
@@ -57,19 +75,83 @@ def prepare(model: nn.Module) -> bool:
     if getattr(model, "int8_ready", False):
         return True
     with _LOCK:
+        for module in list(model.modules()):
+            for names in SIBLINGS:
+                group = [getattr(module, name, None) for name in names]
+                if all(isinstance(layer, nn.Linear) and not hasattr(layer, "int8_weights") for layer in group) \
+                        and len({layer.in_features for layer in group}) == 1:
+                    _quantise(group)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Linear) and head.bias is None and head.in_features % HEAD_GROUP == 0 \
+                and hasattr(torch, "_weight_int4pack_mm_for_cpu") and not hasattr(head, "int4_weights"):
+            head.int4_weights = _four_bits(head.weight.detach())
+            head.forward = types.MethodType(_head_with_shortlist, head)
         for layer in model.modules():
-            if isinstance(layer, nn.Linear) and not hasattr(layer, "int8_weights"):
-                w = layer.weight.detach().float()
-                scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-                layer.int8_weights = (torch.round(w / scale[:, None]).to(torch.int8), scale.to(layer.weight.dtype))
-                layer.forward = types.MethodType(_few_rows_in_int8, layer)
+            if isinstance(layer, nn.Linear) and not hasattr(layer, "int8_weights") and not hasattr(layer, "int4_weights"):
+                _quantise([layer])
         model.int8_ready = True
     return True
+
+
+def _quantise(layers: list[nn.Linear]) -> None:
+    """One int8 matrix (one scale per output row) for ``layers``, which read the same input; each layer keeps
+    its rows of it as a view, and ``int8_group`` = (the whole, the row counts, its place) when there are several."""
+    w = torch.cat([layer.weight.detach() for layer in layers]).float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    whole = (torch.round(w / scale[:, None]).to(torch.int8), scale.to(layers[0].weight.dtype))
+    rows, start = [layer.out_features for layer in layers], 0
+    for place, layer in enumerate(layers):
+        layer.int8_weights = tuple(t[start : start + rows[place]] for t in whole)
+        start += rows[place]
+        if len(layers) > 1:
+            layer.int8_group = (whole, rows, place)
+        layer.forward = types.MethodType(_few_rows_in_int8, layer)
+
+
+def _four_bits(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's packed 4-bit layout: per group of HEAD_GROUP inputs a scale and a zero point (min-max, 16 levels;
+    the kernel reads w = (q - 8) · scale + zero)."""
+    rows, cols = w.shape
+    groups = w.float().reshape(rows, cols // HEAD_GROUP, HEAD_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(1e-8)
+    q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(rows, cols)
+    scales_and_zeros = torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], -1).transpose(0, 1).contiguous()
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros.to(w.dtype)
+
+
+def _head_with_shortlist(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not getattr(_THREAD, "on", False) or x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != self.weight.dtype:
+        return F.linear(x, self.weight)
+    rows, (packed, scales_and_zeros) = x.reshape(-1, x.shape[-1]), self.int4_weights
+    logits = torch._weight_int4pack_mm_for_cpu(rows, packed, HEAD_GROUP, scales_and_zeros)
+    best = logits.topk(SHORTLIST, dim=-1).indices
+    logits.scatter_(-1, best, torch.einsum("rk,rsk->rs", rows, self.weight[best]))  # the shortlist, exactly
+    return logits.reshape(*x.shape[:-1], -1)
 
 
 def _few_rows_in_int8(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not getattr(_THREAD, "on", False) or x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != self.weight.dtype:
         return F.linear(x, self.weight, self.bias)
-    wq, scale = self.int8_weights
-    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), wq, scale).reshape(*x.shape[:-1], -1)
+    group = getattr(self, "int8_group", None)
+    if group is None:
+        y = _product(x, *self.int8_weights)
+    else:
+        whole, rows, place = group
+        shared = getattr(_THREAD, "shared", None)
+        if place == 0:  # the first sibling: every sibling's rows in one kernel, the others' parts kept
+            parts = _product(x, *whole).split(rows, dim=-1)
+            _THREAD.shared = (whole, x, parts)
+            y = parts[0]
+        elif shared is not None and shared[0] is whole and shared[1] is x:
+            y = shared[2][place]
+            if place == len(rows) - 1:
+                _THREAD.shared = None
+        else:
+            y = _product(x, *self.int8_weights)
+        y = y.contiguous()
     return y if self.bias is None else y + self.bias
+
+
+def _product(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), wq, scale).reshape(*x.shape[:-1], -1)
