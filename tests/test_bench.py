@@ -495,6 +495,22 @@ def test_cli_damaged_cache_is_a_one_line_error(fake, tmp_path):
     assert "cache.sqlite3 is unreadable" in r.output and "delete it" in r.output
 
 
+def test_a_rerun_replaces_its_result_and_another_config_of_the_same_name_is_kept(fake, tmp_path):
+    """The file name leaves out --top-k (and --fuse-weight, the adapter's folder…): a second config written the
+    same day used to replace the first one's files."""
+    def run(*extra):
+        r = _invoke(["beir", str(BEIR_TINY), "--methods", "teacher", "--json", "--out", str(tmp_path / "o"),
+                     "--cache-dir", str(tmp_path / "c"), "--no-plot", *extra])
+        assert r.exit_code == 0, r.output
+        return Path(json.loads(r.stdout)["files"]["json"])
+
+    first, other = run(), run("--top-k", "5")
+    assert other.name == first.name.replace(".json", "-2.json") and first.is_file()
+    assert json.loads(first.read_text())["config"]["top_k"] == 100 and json.loads(other.read_text())["config"]["top_k"] == 5
+    assert run() == first and run("--top-k", "5") == other  # reruns replace their own files
+    assert len(list((tmp_path / "o").rglob("*.json"))) == 2
+
+
 TQDM_BAR = re.compile(r"it/s\]|\|█|examples/s\]")
 
 

@@ -149,6 +149,9 @@ def test_a_batch_1_explanation_decodes_with_int8_steps_and_the_query_vectors_do_
     # ROUGE-L to the real answers unchanged on 120 tune queries)
     overlap = [rouge_l_f1(a, b) for a, b in zip(ours, full)]
     assert np.mean(overlap) > 0.5, list(zip(ours, full))
+    # a batch of 4 takes the same steps: the head reads each row's last position, a strided view
+    four = encoder.decode(QUERIES, max_new_tokens=16, soft_prompts=soft, batch_size=4)
+    assert np.mean([rouge_l_f1(a, b) for a, b in zip(four, full)]) > 0.5, list(zip(four, full))
     # a batch of more than 4 keeps the bf16 weights throughout: the same texts as without int8
     eight, soft8 = QUERIES * 2, np.concatenate([soft, soft])
     batch = encoder.decode(eight, max_new_tokens=16, soft_prompts=soft8, batch_size=8)

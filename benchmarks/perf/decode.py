@@ -1,7 +1,7 @@
 """Stage 6: reading a query embedding back as text. The soft prompt, as the decoder reads it
 (``encoder.recon_inputs``: wrapped in the chat template for a chat-format adapter), is continued greedily for 64
 tokens with the KV cache (what `--explain` runs: transformers' generate; at batch 1 on a bf16 CPU with int8 one-row
-steps, models/int8_decode.py, and the KV cache alone beside it) against re-running the whole prefix at every step
+steps and a 4-bit shortlisting head, models/int8_decode.py, and the KV cache alone beside it) against re-running the whole prefix at every step
 (use_cache=False), at batch 1 and 16; and how many encode passes an explained search makes per query.
 """
 
@@ -76,8 +76,9 @@ def run(quick: bool, workdir, log, device: str | None = None) -> list[Figure]:
                               f"({streamed:.1f} GB/s achieved: memory-bound), while recomputing the "
                               f"{n_prefix}-{n_prefix + TOKENS} token prefix is compute-bound and "
                               "costs only a few cached steps more; "
-                              + ("int8 steps halve the bytes, and the rest of a step is small ops (norms, rotary, "
-                                 "attention, the cache) that a compiled step would fuse"
+                              + ("int8 steps halve the bytes (the head's in 4 bits), and the rest of a step is small "
+                                 "ops (norms, rotary, attention, the cache, generate's bookkeeping: ~35-45% of a step "
+                                 "in a profile) that a compiled step would fuse"
                                  if int8 else "fewer bytes per weight (int8 steps) or batching decodes (the "
                                  "server's, batch 16) are what would close it"))
         figures.append(Figure("decode", f"explanation decode, {TOKENS} tokens, batch {batch} ({encoder.device.type})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def prompt_tag(prompt: str) -> str:
 
 def result_stem(results: dict) -> str:
     """`<date>-<dataset>-doc-<doc encoder>-<adapter>[-<methods>][-matrix|-<backend>][-limitN]`: reruns of one
-    config overwrite."""
+    config overwrite (write_results numbers a different config that would share the name)."""
     cfg = results["config"]
     adapter = "default" if cfg.get("adapter") in (None, "default") else Path(str(cfg["adapter"])).name
     parts = [results["date"][:10], results["label"], f"doc-{cfg['doc_encoder']}", f"adapter-{adapter}"]
@@ -143,11 +144,32 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def _identity(results: dict) -> tuple:
+    """What makes two runs the same experiment: every setting (not the command line that gave them: the same
+    run from another folder is the same run) and the query encoder's fingerprint."""
+    config = {k: v for k, v in (results.get("config") or {}).items() if k != "command"}
+    return json.dumps(config, sort_keys=True, default=str), (results.get("encoder") or {}).get("fingerprint")
+
+
+def _other_config(path: Path, results: dict) -> bool:
+    """``path`` holds the result of another experiment (a rerun of the same one is replaced)."""
+    try:
+        return _identity(json.loads(path.read_text())) != _identity(results)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # unreadable: keep it, write beside it
+        return True
+
+
 def write_results(results: dict, out_dir: str | Path, explanations: list[dict] | None = None,
                   with_plot: bool = True) -> dict[str, str]:
     folder = Path(out_dir).expanduser() / results["bench"]
     folder.mkdir(parents=True, exist_ok=True)
-    stem = str(folder / result_stem(results))  # no with_suffix: a stem may contain dots (adapter-v0.2)
+    base = stem = str(folder / result_stem(results))  # no with_suffix: a stem may contain dots (adapter-v0.2)
+    for n in itertools.count(2):  # the name leaves out settings (--top-k, --fuse-weight, the adapter's folder…)
+        if not _other_config(Path(stem + ".json"), results):
+            break
+        stem = f"{base}-{n}"
     files = {"json": Path(stem + ".json"), "markdown": Path(stem + ".md")}
     files["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
     files["markdown"].write_text(markdown(results), encoding="utf-8")

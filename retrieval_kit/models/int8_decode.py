@@ -123,7 +123,8 @@ def _four_bits(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _head_with_shortlist(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not getattr(_THREAD, "on", False) or x.numel() > MAX_ROWS * x.shape[-1] or x.dtype != self.weight.dtype:
         return F.linear(x, self.weight)
-    rows, (packed, scales_and_zeros) = x.reshape(-1, x.shape[-1]), self.int4_weights
+    # contiguous: the kernel refuses a strided view (a batch's last positions, as generate passes them)
+    rows, (packed, scales_and_zeros) = x.reshape(-1, x.shape[-1]).contiguous(), self.int4_weights
     logits = torch._weight_int4pack_mm_for_cpu(rows, packed, HEAD_GROUP, scales_and_zeros)
     best = logits.topk(SHORTLIST, dim=-1).indices
     logits.scatter_(-1, best, torch.einsum("rk,rsk->rs", rows, self.weight[best]))  # the shortlist, exactly
