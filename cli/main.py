@@ -145,6 +145,8 @@ def _print_result(result, info: dict, filtered: bool = False) -> None:
 
     state = "trained adapter" if info["trained"] else "UNTRAINED stand-in adapter"
     console.print(f"\n[bold]{result.query}[/]  [dim]query mode: {result.query_mode} · {state} {info['fingerprint']}[/]")
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
     if result.told is not None:  # with the faithfulness note and lenses the server shows too (search.explanation)
         _print_explanation(result.told, brief=True)
     if not result.hits:

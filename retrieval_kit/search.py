@@ -111,11 +111,12 @@ class SearchResult:
     explained_mode: str | None = None  # the explanation decodes the generative vector, whatever mode searched
     generation: int | None = None  # the index state (snapshot) the hits come from
     told: dict | None = None  # the explanation as shown: text, whether it is trusted and why, lenses (explanation())
+    notes: list[str] = field(default_factory=list)  # what the user should know about this search (a cut query)
 
     def as_dict(self) -> dict:
         return {"query": self.query, "query_mode": self.query_mode, "query_encoder": self.query_encoder,
                 "explanation": self.told, "explained_vector": self.explained_mode,
-                "timings": self.timings, "hits": [hit_dict(h, self.query) for h in self.hits]}
+                "timings": self.timings, "notes": self.notes, "hits": [hit_dict(h, self.query) for h in self.hits]}
 
 
 def hit_dict(hit: Hit, query: str | None = None) -> dict:
@@ -276,9 +277,10 @@ class Retriever:
         t3 = time.perf_counter()
         timings = {"encode_s": round(t1 - t0, 4), "search_s": round(t2 - t1, 4), "explain_s": round(t3 - t2, 4)}
         fingerprint = self.fingerprint if any(not s.lexical for s in signals) else ""
+        cuts = self.encoder.query_cuts(queries, [s.name for s in signals if not s.lexical])
         return [SearchResult(q, mode, hits, e, timings, fingerprint, "generative" if explain else None,
-                             self.index.generation, t)
-                for q, hits, e, t in zip(queries, ranked, explanations, told)]
+                             self.index.generation, t, [cut] if cut else [])
+                for q, hits, e, t, cut in zip(queries, ranked, explanations, told, cuts)]
 
 
 def explain_all(encoder: GenerativeEncoder, queries: list[str], decoded: list[str], query_mode: str = "generative",

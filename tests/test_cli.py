@@ -122,6 +122,23 @@ def test_search_filters_by_source_prefix_and_file_type(index_home, corpus):
         assert "no chunk matches --source-prefix/--file-type" in out, out
 
 
+def test_a_query_longer_than_the_models_read_says_so(index_home, corpus):
+    """A pasted paragraph used to lose its end silently: the teacher reads 256 word pieces, the backbone 256
+    tokens. BM25 reads it whole, so a bm25 search has no note."""
+    ok("index", corpus, "--name", "kb")
+    long = "how do I rotate the API keys? " + "please tell me the exact steps in order " * 60
+    out = search_json(long, "short question", "--index", "kb", "--query-mode", "fused", "-k", "2")
+    cut, whole = out["results"]
+    assert whole["notes"] == []
+    (note,) = cut["notes"]
+    assert "the teacher reads its first 256 of" in note and "the backbone reads its first 256 of" in note, note
+    assert search_json(long, "--index", "kb", "--query-mode", "teacher")["results"][0]["notes"] == [
+        note.split(", the backbone")[0]]
+    assert search_json(long, "--index", "kb", "--query-mode", "bm25")["results"][0]["notes"] == []
+    table = " ".join(ok("search", long, "--index", "kb", "--query-mode", "teacher").stdout.split())
+    assert "note: long query: the teacher reads its first 256 of" in table, table
+
+
 def test_generative_and_fused_modes_run(index_home, corpus):
     ok("index", corpus, "--name", "kb")
     for mode in ("generative", "fused"):

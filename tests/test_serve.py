@@ -96,6 +96,16 @@ def test_modes_and_the_default_index(client):
     assert convex["hits"][0]["doc_id"] == PLANTED and 1.0 <= convex["hits"][0]["score"] <= 1.5
 
 
+def test_a_query_the_models_read_in_part_says_so(client):
+    """1,000 characters of code can pass 256 word pieces: the response and the page say the end was not read."""
+    query = "zephyrine " + "x=f(a[0],b[1]);" * 60
+    assert len(query) <= 1000
+    (note,) = _search(client, query=query, k=1, query_mode="teacher")["notes"]
+    assert note.startswith("long query: the teacher reads its first 256 of"), note
+    assert _search(client, query=PLANTED_QUERY, k=1)["notes"] == []
+    assert len(_search(client, query=PLANTED_QUERY, k=2.0)["hits"]) == 2  # JSON Schema's integer: 2.0 is one
+
+
 def test_batch_gives_what_single_searches_give(client):
     queries = [PLANTED_QUERY, "how do I rotate the API keys?", "what is photosynthesis?"]
     batch = client.post("/search/batch", json={"queries": queries, "k": 4})
@@ -215,6 +225,8 @@ BAD_BODIES = [
     ({"query": "ok", "fusion": "mean"}, 422), ({"query": "ok", "query_mode": "bm25", "signals": {"bm25": 1}}, 422),
     ({"query": "ok", "query_mode": "teacher", "fusion": "rrf"}, 422),
     ([1, 2], 422), ("just a string", 422),
+    ({"query": "ok", "k": "5"}, 422), ({"query": "ok", "k": 5.5}, 422), ({"query": "ok", "explain": "yes"}, 422),
+    ({"query": "ok", "explain": 1}, 422), ({"query": "ok", "signals": {"bm25": "1"}}, 422),
 ]
 
 

@@ -26,9 +26,12 @@ def write(run: dict, out: Path) -> Path:
     return path
 
 
+BF16_LABEL = {"amx": "AMX", "avx512-bf16": "AVX512-BF16", "emulated": "no bf16 in hardware"}
+
+
 def _merge(old: dict | None, run: dict) -> dict:
     stamp = {"date": run["date"], "machine": run["machine"]["cpu"], "cpus": run["machine"]["cpu_count"],
-             "gpu": run["machine"].get("gpu")}
+             "gpu": run["machine"].get("gpu"), "cpu_bf16": run["machine"].get("cpu_bf16")}
     fresh = [{**f, "run": stamp} for f in run["figures"]]
     if old is None:
         return {**run, "figures": fresh}
@@ -83,6 +86,8 @@ def table(figures: list[dict]) -> str:
     for f in figures:
         met = {True: "✅", False: "❌", None: "–"}[f["met"]]
         machine = f"{f['run']['cpus']}× {f['run']['machine']}" + (f" + {f['run']['gpu']}" if f["run"].get("gpu") else "")
+        if f["run"].get("cpu_bf16"):  # "AMD EPYC" names a Zen 3 (bf16 emulated) and a Zen 4 (AVX512-BF16) alike
+            machine += f" ({BF16_LABEL.get(f['run']['cpu_bf16'], f['run']['cpu_bf16'])})"
         peer = f"{_fmt(f['peer'])} ({f['peer_name']})" if f.get("peer_name") else _fmt(f["peer"])
         rows.append(f"| {f['stage']} | {f['name']} | {_fmt(f['ours'])} {f['unit']} | {peer} | {_fmt(f['ratio'])} | "
                     f"{f['target'] or '–'} | {met} | {machine} |")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, ModelError
+from ..machine import cpu_probe as _cpu_probe
 from ..paths import check_device, dtype_setting, rkit_home
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
@@ -204,14 +205,6 @@ def cpu_has_amx() -> bool:
 def cpu_has_native_bf16() -> bool:
     """A CPU that multiplies bf16 in hardware, as torch's CPU dispatch (oneDNN) sees it: AMX tiles or AVX512-BF16."""
     return cpu_has_amx() or _cpu_probe("_is_avx512_bf16_supported")
-
-
-def _cpu_probe(name: str) -> bool:
-    probe = getattr(torch.cpu, name, None)
-    try:
-        return bool(probe()) if probe else False
-    except RuntimeError:
-        return False
 
 
 def load_backbone(name: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,

@@ -526,6 +526,22 @@ class GenerativeEncoder(nn.Module):
             out["fused"] = fuse_queries(out["generative"], self.anchor_queries(out["teacher"]), weight)
         return {m: out[m] for m in (*modes, "soft_prompt") if m in out}
 
+    def query_cuts(self, texts: Sequence[str], modes: Sequence[str]) -> list[str | None]:
+        """Per query, a note when a model the ``modes`` run reads only its first tokens (None: read whole). The
+        cut itself is the models' (the teacher's token window, max_query_tokens for the backbone); this says so,
+        so a pasted paragraph does not silently lose its end."""
+        readers = []
+        if self.teacher is not None and {"teacher", "fused"} & set(modes):
+            readers.append(("the teacher", self.teacher.tokenizer, int(self.teacher.max_seq_length), True))
+        if {"generative", "fused"} & set(modes):
+            readers.append(("the backbone", self.tokenizer, self.config.max_query_tokens, False))
+        cuts: list[list[str]] = [[] for _ in texts]
+        for who, tokenizer, limit, special in readers:
+            for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=special)["input_ids"]):
+                if len(ids) > limit:
+                    cuts[i].append(f"{who} reads its first {limit} of {len(ids)} tokens")
+        return [f"long query: {', '.join(c)}" if c else None for c in cuts]
+
     @torch.no_grad()
     def anchor_queries(self, teacher_vecs: np.ndarray) -> np.ndarray:
         """teacher(query) vectors moved towards where the answers lie (identity without a fitted anchor)."""
@@ -549,8 +565,8 @@ class GenerativeEncoder(nn.Module):
         (KV-cached generation). ``soft_prompts`` (from ``encode(..., with_soft_prompts=True)``, one per text):
         decode those instead of encoding the texts again. ``generate_options``: more arguments for transformers'
         ``generate`` (e.g. ``num_beams``, ``repetition_penalty``; benchmarks/explain_faithfulness.py compares them).
-        ``int8``: batches of ≤ 4 on a CPU with bf16 weights take their one-row steps with int8 weights
-        (models/int8_decode.py: ~1.8x faster, as faithful); False decodes with the loaded weights only."""
+        ``int8``: batches of ≤ 4 on a CPU (bf16 or float32 weights) take their one-row steps with int8 weights
+        (models/int8_decode.py: 1.6-1.8x faster, as faithful); False decodes with the loaded weights only."""
         options = generate_options or {}
         if soft_prompts is None:
             def run(batch):
@@ -565,11 +581,11 @@ class GenerativeEncoder(nn.Module):
 
     def _continue(self, soft: torch.Tensor, max_new_tokens: int, options: dict, int8: bool) -> list[str]:
         """Greedy continuation of a batch of soft prompts (all the same length: no padding) by the backbone; at
-        batch ≤ 4 on a CPU with bf16 weights, with int8 weights for the one-row steps (models/int8_decode.py)."""
+        batch ≤ 4 on a CPU, with int8 weights for the one-row steps (models/int8_decode.py)."""
         tok = self.tokenizer
         inputs = self.recon_inputs(soft)  # what training taught the backbone to continue
         mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=self.device)
-        few_rows = int8 and len(soft) <= int8_decode.MAX_ROWS  # one-row steps: int8 halves the bytes they read
+        few_rows = int8 and len(soft) <= int8_decode.MAX_ROWS  # one-row steps read 1/2 (bf16) or 1/4 (fp32) the bytes
         with int8_decode.steps(self.backbone) if few_rows else contextlib.nullcontext():
             out = self.backbone.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                                          do_sample=False, pad_token_id=tok.pad_token_id, **options)

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -68,8 +68,21 @@ def _clean(text: str) -> str:
     return text.strip()
 
 
-class Filters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _integral(value):
+    """JSON Schema's integer is any whole number, 5.0 included: let it through strict validation as 5."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Whole = Annotated[int, BeforeValidator(_integral)]
+
+
+class _Body(BaseModel):
+    """A request body: unknown fields refused, and no coercion: "k": "5", "k": 5.5 or "explain": "yes" is a 422
+    naming the field, not a guess (a client that sends strings for numbers has a bug worth hearing about)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Filters(_Body):
     source_prefix: str | None = Field(None, max_length=512, description="only chunks whose source starts with this")
     file_type: str | None = Field(None, pattern=r"^\.?[A-Za-z0-9]{1,10}$", description="only chunks of this file type, e.g. md")
 
@@ -78,13 +91,12 @@ class Filters(BaseModel):
         return found if found else None
 
 
-class SearchOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(10, ge=1, le=MAX_K, description="hits per query")
+class SearchOptions(_Body):
+    k: Whole = Field(10, ge=1, le=MAX_K, description="hits per query")
     index: str | None = Field(None, max_length=128, description="an index this server serves (default: the first)")
     query_mode: Mode | None = Field(None, description="default: the index's own (hybrid unless built otherwise)")
     explain: bool = Field(False, description="also decode the query's generative embedding back into text")
-    explain_tokens: int = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
+    explain_tokens: Whole = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
     filters: Filters | None = None
     signals: dict[SignalName, Annotated[float, Field(gt=0, le=100)]] | None = Field(
         None, min_length=1, description=f"hybrid mode only: weight per signal (default {DEFAULT_HYBRID.spec()})")
@@ -125,11 +137,10 @@ class BatchRequest(SearchOptions):
         return [_clean(v) for v in values]
 
 
-class ExplainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ExplainRequest(_Body):
     query: QueryText
     index: str | None = Field(None, max_length=128)
-    tokens: int | None = Field(None, ge=1, le=MAX_EXPLAIN_TOKENS)
+    tokens: Whole | None = Field(None, ge=1, le=MAX_EXPLAIN_TOKENS)
 
     @field_validator("query")
     @classmethod
@@ -166,6 +177,8 @@ class SearchResponse(BaseModel):
     query_mode: str
     took_ms: float
     hits: list[HitOut]
+    notes: list[str] = Field(default_factory=list, description="what to know about this search, e.g. a query the "
+                                                               "models read only in part")
     explanation: Explanation | None = None
 
 
@@ -406,7 +419,7 @@ def _response(result: SearchResult, took_ms: float, index: str) -> SearchRespons
         score = data["score"]
         hits.append(HitOut(rank=rank, **{**data, "score": score if math.isfinite(score) else 0.0}))
     return SearchResponse(index=index, generation=result.generation, query=result.query,
-                          query_mode=result.query_mode, took_ms=round(took_ms, 2), hits=hits)
+                          query_mode=result.query_mode, took_ms=round(took_ms, 2), hits=hits, notes=result.notes)
 
 
 def _status(exc: RkitError) -> int:

@@ -166,7 +166,8 @@ async function search(query) {
   const terms = queryTerms(query);
   const hits = data.hits || [];
   const took = typeof data.took_ms === "number" ? `${data.took_ms.toFixed(1)} ms` : "";
-  const facts = [`mode ${data.query_mode}`, took, data.index && state.indexes.length > 1 ? `index ${data.index}` : ""].filter(Boolean).join(" · ");
+  const facts = [`mode ${data.query_mode}`, took, data.index && state.indexes.length > 1 ? `index ${data.index}` : "",
+                 ...(data.notes || [])].filter(Boolean).join(" · ");
   if (!hits.length) {
     status(`No results for “${query}” · ${facts}`);
     $("empty").textContent = `No results for “${query}”.`;
