@@ -280,10 +280,14 @@ def test_decode_is_greedy_continuation_of_the_soft_prompt(encoders, family, reco
     encoder.config.recon_format = recon_format
     try:
         _, soft = encoder.encode(QUERIES[:2], with_soft_prompts=True)
-        decoded = encoder.decode(QUERIES[:2], max_new_tokens=6)
+        decoded = encoder.decode(QUERIES[:2], max_new_tokens=6, int8=False)  # the loaded weights: exact
         assert len(decoded) == 2 and all(isinstance(t, str) and t for t in decoded)
-        assert encoder.decode(QUERIES[:2], max_new_tokens=6, soft_prompts=soft) == decoded
+        assert encoder.decode(QUERIES[:2], max_new_tokens=6, soft_prompts=soft, int8=False) == decoded
         assert decoded == greedy_without_cache(encoder, torch.from_numpy(soft), 6)
+        # a CPU's decode of <= 4 queries takes int8 steps (models/int8_decode.py) on every family's shapes; with
+        # random weights nearly tied logits may pick other tokens, so only that it runs is asked here
+        stepped = encoder.decode(QUERIES[:2], max_new_tokens=6, soft_prompts=soft)
+        assert len(stepped) == 2 and all(isinstance(t, str) for t in stepped)
     finally:
         encoder.config.recon_format = "raw"
 

@@ -530,8 +530,8 @@ class GenerativeEncoder(nn.Module):
         """Per query, a note when a model the ``modes`` run reads only its first tokens (None: read whole). The
         cut itself is the models' (the teacher's token window, max_query_tokens for the backbone); this says so,
         so a pasted paragraph does not silently lose its end."""
-        readers = []
-        if self.teacher is not None and {"teacher", "fused"} & set(modes):
+        readers = []  # modes first: reading self.teacher loads it, and a bm25 search must not
+        if {"teacher", "fused"} & set(modes) and self.teacher is not None:
             readers.append(("the teacher", self.teacher.tokenizer, int(self.teacher.max_seq_length), True))
         if {"generative", "fused"} & set(modes):
             readers.append(("the backbone", self.tokenizer, self.config.max_query_tokens, False))

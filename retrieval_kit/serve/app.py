@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -69,11 +69,10 @@ def _clean(text: str) -> str:
 
 
 def _integral(value):
-    """JSON Schema's integer is any whole number, 5.0 included: let it through strict validation as 5."""
+    """JSON Schema's integer is any whole number, 5.0 included: let it through strict validation as 5. (A
+    field_validator, not an Annotated BeforeValidator: inside ``int | None`` that made pydantic write ge/le into
+    the schema instead of minimum/maximum, and the schema stopped saying tokens ≥ 1.)"""
     return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-Whole = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Body(BaseModel):
@@ -92,16 +91,18 @@ class Filters(_Body):
 
 
 class SearchOptions(_Body):
-    k: Whole = Field(10, ge=1, le=MAX_K, description="hits per query")
+    k: int = Field(10, ge=1, le=MAX_K, description="hits per query")
     index: str | None = Field(None, max_length=128, description="an index this server serves (default: the first)")
     query_mode: Mode | None = Field(None, description="default: the index's own (hybrid unless built otherwise)")
     explain: bool = Field(False, description="also decode the query's generative embedding back into text")
-    explain_tokens: Whole = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
+    explain_tokens: int = Field(48, ge=1, le=MAX_EXPLAIN_TOKENS)
     filters: Filters | None = None
     signals: dict[SignalName, Annotated[float, Field(gt=0, le=100)]] | None = Field(
         None, min_length=1, description=f"hybrid mode only: weight per signal (default {DEFAULT_HYBRID.spec()})")
     fusion: Fusion | None = Field(None, description=f"hybrid mode only: how the signals' lists are fused: rrf, dbsf or "
                                                     f"convex (default {DEFAULT_HYBRID.fusion})")
+
+    _whole = field_validator("k", "explain_tokens", mode="before")(_integral)
 
     @model_validator(mode="after")
     def _recipe_is_valid(self):
@@ -140,7 +141,8 @@ class BatchRequest(SearchOptions):
 class ExplainRequest(_Body):
     query: QueryText
     index: str | None = Field(None, max_length=128)
-    tokens: Whole | None = Field(None, ge=1, le=MAX_EXPLAIN_TOKENS)
+    tokens: int | None = Field(None, ge=1, le=MAX_EXPLAIN_TOKENS)
+    _whole = field_validator("tokens", mode="before")(_integral)
 
     @field_validator("query")
     @classmethod
