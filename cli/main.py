@@ -318,7 +318,5 @@ app.command("train")(train_cmd)
 app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench", help="Benchmarks: bright, advbench-ir, beir, mteb; perf (the performance suite, from a source checkout).")
 
-
-
 if __name__ == "__main__":
     app()

@@ -486,7 +486,6 @@ class _Count:
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
-
     def _route(self, scope) -> str:
         """The route's template (``/documents/{chunk_id:path}``: one label per route, not per id). FastAPI's router
         sets it on the shared scope; a request answered before routing (the body limit's 413), by a plain
